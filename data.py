@@ -1,0 +1,242 @@
+"""Datasets, deterministic distributed sampling, augmentation and loaders.
+
+Exact resume rests on two rules:
+- The order of epoch e is a permutation drawn from (seed, e). Every global batch is a contiguous slice of
+  it and rank r takes its share of each slice, so "how many samples of this epoch are done" is the whole
+  position, whatever the number of processes.
+- Everything random about sample i of epoch e (crop box, flip) comes from a generator seeded by
+  (seed, e, i), never from worker or global RNG state. The number of workers, a kill or a restart cannot
+  change what a sample looks like, so nothing about the loader has to be checkpointed.
+
+Workers decode to uint8 HWC arrays; the float conversion and normalization happen on the training device
+(see `Normalizer`), which keeps host-to-device copies 4x smaller and CPU workers doing only what needs a CPU.
+"""
+
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dataset_paths import is_image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Val images are resized so the center crop keeps 87.5% of the shorter side (224 of 256), as usual.
+VAL_CROP_FRACTION = 0.875
+# Errors that mean "this file is not a usable image"; anything else is a bug and must surface.
+BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+# A bad image is replaced by the next file in the list; give up after this many bad ones in a row.
+MAX_CONSECUTIVE_BAD = 16
+
+
+def list_samples(split_dir: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Paths and labels of every image under split_dir/<class>/, in a fixed (sorted) order.
+
+    Returned as numpy arrays rather than a list of Python objects: forked workers then share the pages
+    instead of copying them as reference counts change (1.28M tuples would cost each worker ~200 MB).
+    """
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        names = sorted(e.name for e in os.scandir(split_dir / name) if e.is_file() and is_image(e.name))
+        paths.extend(os.fsencode(split_dir / name / n) for n in names)
+        labels.extend([label] * len(names))
+    return np.array(paths, dtype=np.bytes_), np.array(labels, dtype=np.int64)
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, index])
+
+
+def random_resized_crop_box(rng: np.random.Generator, width: int, height: int, min_scale: float,
+                            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """(left, top, crop_width, crop_height) with the distribution of torchvision's RandomResizedCrop."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(min_scale, 1.0)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
+    # Rare fallback (extreme aspect ratios): the largest centred crop with an allowed aspect ratio.
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def center_crop_box(width: int, height: int, image_size: int) -> tuple[float, float, float, float]:
+    """The region that resize(shorter side = image_size / 0.875) + center crop(image_size) keeps."""
+    side = min(width, height) * VAL_CROP_FRACTION
+    return (width - side) / 2, (height - side) / 2, side, side
+
+
+def decode_region(path: bytes, box_fn, image_size: int) -> Image.Image:
+    """Decode only as much of the file as the crop needs, then crop and resize in one resampling pass.
+
+    JPEG can decode at 1/2, 1/4 or 1/8 scale almost for free (PIL's draft); we ask for the smallest scale
+    at which the crop still has at least image_size pixels on each side, so quality matches a full
+    decode followed by a downscale while the decoder does up to 64x less work.
+    """
+    with Image.open(os.fsdecode(path)) as img:
+        width, height = img.size
+        left, top, crop_w, crop_h = box_fn(width, height)
+        shrink = image_size / min(crop_w, crop_h)
+        if shrink < 1:
+            img.draft("RGB", (math.ceil(width * shrink), math.ceil(height * shrink)))
+        sx, sy = img.size[0] / width, img.size[1] / height
+        img = img.convert("RGB")
+        box = (left * sx, top * sy, (left + crop_w) * sx, (top + crop_h) * sy)
+        return img.resize((image_size, image_size), Image.Resampling.BILINEAR, box=box)
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """A split of an ImageNet-style folder. Items are addressed by (epoch, index) so that augmentation is
+    a pure function of (seed, epoch, index); see the module docstring."""
+
+    def __init__(self, split_dir: Path, classes: list[str], train: bool, image_size: int, seed: int,
+                 min_crop_scale: float = 0.08):
+        self.paths, self.labels = list_samples(Path(split_dir), classes)
+        self.train, self.image_size, self.seed, self.min_crop_scale = train, image_size, seed, min_crop_scale
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, epoch: int, index: int) -> np.ndarray:
+        if self.train:
+            rng = sample_rng(self.seed, epoch, index)
+            img = decode_region(self.paths[index],
+                                lambda w, h: random_resized_crop_box(rng, w, h, self.min_crop_scale),
+                                self.image_size)
+            if rng.random() < 0.5:
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        else:
+            img = decode_region(self.paths[index], lambda w, h: center_crop_box(w, h, self.image_size),
+                                self.image_size)
+        return np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy needs one
+
+    def __getitem__(self, item: tuple[int, int]):
+        """Returns (HWC uint8 image, label, descriptions of the unreadable files met on the way).
+
+        Training replaces an unreadable image by the next file, so batch shapes (BatchNorm, DDP) stay the
+        same; validation returns a blank image labelled -1 instead, which evaluation leaves out, so no
+        image is counted twice.
+        """
+        epoch, index = item
+        skipped = []
+        for attempt in range(MAX_CONSECUTIVE_BAD if self.train else 1):
+            i = (index + attempt) % len(self.labels)
+            try:
+                return torch.from_numpy(self.load(epoch, i)), int(self.labels[i]), skipped
+            except BAD_IMAGE_ERRORS as err:
+                skipped.append(f"{os.fsdecode(self.paths[i])} ({type(err).__name__}: {err})")
+        if not self.train:
+            return torch.zeros(self.image_size, self.image_size, 3, dtype=torch.uint8), -1, skipped
+        raise RuntimeError(f"{MAX_CONSECUTIVE_BAD} unreadable images in a row, starting at "
+                           f"{os.fsdecode(self.paths[index])}; is the data volume failing?\n" + "\n".join(skipped))
+
+
+def collate(items):
+    images, labels, skipped = zip(*items, strict=True)
+    return torch.stack(images), torch.tensor(labels), [s for per_item in skipped for s in per_item]
+
+
+class TrainBatchSampler:
+    """DistributedSampler semantics (new shuffle each epoch, each rank its own share, incomplete last
+    global batch dropped), but resumable mid-epoch at any sample and yielding (epoch, index) pairs."""
+
+    def __init__(self, num_samples: int, batch_size: int, rank: int, world_size: int, seed: int):
+        self.num_samples, self.batch_size, self.rank, self.world_size = num_samples, batch_size, rank, world_size
+        self.seed = seed
+        self.global_batch = batch_size * world_size
+        self.epoch, self.start = 0, 0
+
+    def steps_per_epoch(self) -> int:
+        return self.num_samples // self.global_batch
+
+    def set_epoch(self, epoch: int, samples_done: int = 0) -> None:
+        """Start epoch `epoch` after its first `samples_done` samples (counted over all ranks)."""
+        self.epoch, self.start = epoch, samples_done
+
+    def __len__(self) -> int:
+        return (self.num_samples - self.start) // self.global_batch
+
+    def __iter__(self):
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples)
+        for step in range(len(self)):
+            first = self.start + step * self.global_batch + self.rank * self.batch_size
+            yield [(self.epoch, int(i)) for i in order[first:first + self.batch_size]]
+
+
+class ValBatchSampler:
+    """Rank r evaluates images r, r + world_size, ...: every image exactly once, no padding duplicates."""
+
+    def __init__(self, num_samples: int, batch_size: int, rank: int, world_size: int):
+        self.indices = range(rank, num_samples, world_size)
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.indices) / self.batch_size)
+
+    def __iter__(self):
+        for first in range(0, len(self.indices), self.batch_size):
+            yield [(0, i) for i in self.indices[first:first + self.batch_size]]
+
+
+def make_loader(dataset, batch_sampler, workers: int, pin_memory: bool,
+                worker_init_fn=None) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate, pin_memory=pin_memory,
+        worker_init_fn=worker_init_fn, prefetch_factor=4 if workers > 0 else None,
+        # Workers live for one pass over the loader. Persistent workers would save a second per epoch but
+        # outlive the loop that uses them, and a process that exits while they run must kill them.
+        persistent_workers=False)
+
+
+class Normalizer:
+    """uint8 NHWC batch on the host -> normalized float NCHW batch on the device, channels_last in memory
+    (the permute of an NHWC tensor is exactly that layout, so no copy is made for it)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.inv_std = 1 / (torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        return (images.float() - self.mean) * self.inv_std
+
+
+def make_demo_dataset(root: Path) -> Path:
+    """Write scikit-learn's 1,797 handwritten digits (real scans, 8x8) as 32x32 JPEGs in class folders,
+    one in five held out for val. Written to a temporary folder and renamed, so a kill never leaves half a
+    dataset; a finished one is reused."""
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        return root
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
+    for i, (pixels, label) in enumerate(zip(digits.images, digits.target, strict=True)):
+        split = "val" if i % 5 == 0 else "train"
+        folder = tmp / split / f"digit_{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        gray = (pixels * (255 / 16)).clip(0, 255).astype(np.uint8)
+        Image.fromarray(gray).resize((32, 32), Image.Resampling.BICUBIC).save(folder / f"{i:04d}.jpg",
+                                                                                quality=95)
+    try:
+        tmp.rename(root)
+    except OSError:
+        if not (root / "train").is_dir():
+            raise
+        shutil.rmtree(tmp)  # another process (a DDP rank) finished first; its copy is identical
+    return root

@@ -1,0 +1,646 @@
+"""Train ResNet-50 on ImageNet-1K (or any ImageNet-style folder) with DDP, mixed precision, OneCycleLR and
+exact, automatic resume.
+
+    python train.py                       # every visible GPU; continues from --output-dir if it holds a run
+    python train.py --demo                # bundled handwritten digits, runs on a CPU in about a minute
+    torchrun --nproc_per_node=8 train.py  # the same through torchrun; several boxes: torchrun --nnodes=...
+
+Rerunning the same command after a kill, a reboot or a spot interruption continues where the last
+checkpoint left off, mid-epoch included, with no batch repeated or skipped (see data.py for why that holds).
+"""
+
+import argparse
+import csv
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from checkpoint import (
+    LATEST,
+    PREVIOUS,
+    CheckpointError,
+    load_latest_checkpoint,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
+from data import ImageFolderDataset, Normalizer, TrainBatchSampler, ValBatchSampler, make_demo_dataset, make_loader
+from dataset_paths import (
+    DEFAULT_DATA_DIR,
+    DEFAULT_OUTPUT_DIR,
+    DEMO_DATA_DIR,
+    DEMO_OUTPUT_DIR,
+    DatasetLayoutError,
+    check_layout,
+)
+from model import ARCHITECTURES
+
+EXIT_BAD_INPUT = 2  # the user can fix it: a data layout, a flag, a checkpoint
+EXIT_NON_FINITE = 3  # training diverged; the last good checkpoint is kept
+
+
+def setting(default, help, **argparse_kwargs):
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+@dataclass
+class Config:
+    data_dir: str = setting(str(DEFAULT_DATA_DIR), "dataset root holding train/<class>/ and val/<class>/")
+    output_dir: str = setting(str(DEFAULT_OUTPUT_DIR), "checkpoints, metrics.csv and the plot; resumes from here")
+    arch: str = setting("resnet50", "network; the small ones are for quick CPU runs", choices=list(ARCHITECTURES))
+    epochs: int = setting(50, "passes over the training set")
+    batch_size: int = setting(256, "images per GPU (per process) and step")
+    lr: float = setting(0.175, "peak learning rate of the one-cycle schedule")
+    pct_start: float = setting(0.3, "fraction of training spent raising the LR to its peak")
+    div_factor: float = setting(25.0, "the LR starts at lr / div_factor")
+    final_div_factor: float = setting(1e4, "the LR ends at lr / div_factor / final_div_factor")
+    momentum: float = setting(0.9, "SGD momentum (held constant, not cycled)")
+    weight_decay: float = setting(1e-4, "L2 penalty on every parameter")
+    label_smoothing: float = setting(0.0, "target smoothing for the training loss (validation loss never uses it)")
+    image_size: int = setting(224, "train crop in pixels; val crops the same after resizing to size / 0.875")
+    min_crop_scale: float = setting(0.08, "smallest fraction of the image area a random training crop keeps")
+    workers: int = setting(-1, "loader processes per GPU; -1: the CPU cores divided among the local processes")
+    device: str = setting("auto", "cuda if available, else cpu", choices=["auto", "cuda", "cpu"])
+    precision: str = setting("auto", "auto: bf16 where the GPU supports it, else fp16 with loss scaling; fp32 on CPU",
+                             choices=["auto", "bf16", "fp16", "fp32"])
+    compile: bool = setting(False, "torch.compile the model (slower start, faster steps)")
+    seed: int = setting(0, "decides initial weights, data order and every augmentation")
+    checkpoint_minutes: float = setting(10.0, "also save mid-epoch this often (a checkpoint is always saved per epoch)")
+    log_every: int = setting(10, "steps between host syncs: progress bar, stop requests, periodic saves, NaN check")
+    no_resume: bool = setting(False, "start a new run; an existing one in --output-dir is moved to a subfolder")
+    demo: bool = setting(False, "train on the bundled digits dataset (small network, 32 px) instead of ImageNet")
+
+
+# What --demo changes unless the flag is given explicitly: a run that learns on a 2-core CPU in about a minute.
+DEMO_SETTINGS = dict(data_dir=str(DEMO_DATA_DIR), output_dir=str(DEMO_OUTPUT_DIR), arch="resnet26_narrow",
+                     epochs=12, batch_size=64, lr=0.2, image_size=32, min_crop_scale=0.35)
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    # SUPPRESS keeps unset flags out of the namespace, so --demo can tell its presets from explicit flags.
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        kwargs = {k: v for k, v in f.metadata.items() if k != "help"}
+        if f.type is bool:
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=f.type, help=f.metadata["help"] + f" (default: {f.default})", **kwargs)
+    explicit = vars(parser.parse_args(argv))
+    cfg = Config(**{**(DEMO_SETTINGS if explicit.get("demo") else {}), **explicit})
+    problems = [f"--{name.replace('_', '-')} must be positive" for name in
+                ("epochs", "batch_size", "lr", "image_size", "log_every", "checkpoint_minutes")
+                if getattr(cfg, name) <= 0]
+    if not 0 < cfg.min_crop_scale <= 1 or not 0 < cfg.pct_start < 1 or not 0 <= cfg.label_smoothing < 1:
+        problems.append("--min-crop-scale must be in (0, 1], --pct-start in (0, 1), --label-smoothing in [0, 1)")
+    if problems:
+        parser.error("; ".join(problems))
+    return cfg
+
+
+def onecycle_lr(step: int, total_steps: int, peak: float, pct_start: float, div_factor: float,
+                final_div_factor: float) -> float:
+    """The LR before optimizer step `step` (0-based): torch's OneCycleLR (cosine annealing, two phases) as a
+    pure function, so a resumed or re-planned run needs no scheduler object to restore."""
+    start, end = peak / div_factor, peak / div_factor / final_div_factor
+    step = min(step, total_steps - 1)
+    warmup_end = pct_start * total_steps - 1
+    if step <= warmup_end:
+        lo, hi, frac = start, peak, step / warmup_end
+    else:
+        lo, hi, frac = peak, end, (step - warmup_end) / (total_steps - 1 - warmup_end)
+    return hi + (lo - hi) / 2 * (math.cos(math.pi * frac) + 1)
+
+
+# ---------------------------------------------------------------------------------------------------- runtime
+
+@dataclass
+class Runtime:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+RT = Runtime()
+
+
+def log(message: str) -> None:
+    """Every human-readable line goes through here: rank 0 prints, without breaking the progress bar."""
+    if RT.master:
+        tqdm.write(message, file=sys.stdout)
+        sys.stdout.flush()
+
+
+def format_duration(seconds: float) -> str:
+    if seconds >= 5400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was given but no CUDA GPU is visible (check nvidia-smi and the driver).")
+    return requested
+
+
+def setup_distributed(device_type: str) -> Runtime:
+    if "RANK" not in os.environ:
+        return Runtime(device=torch.device("cuda:0" if device_type == "cuda" else "cpu"))
+    rt = Runtime(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]),
+                 int(os.environ["LOCAL_WORLD_SIZE"]))
+    if device_type == "cuda":
+        rt.device = torch.device("cuda", rt.local_rank)
+        torch.cuda.set_device(rt.device)
+        dist.init_process_group("nccl", device_id=rt.device)
+    else:
+        # Processes on one CPU box share its cores; oversubscribing them makes every rank slower.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // rt.local_world_size))
+        dist.init_process_group("gloo")
+    return rt
+
+
+def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    if RT.world_size > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+class UsageError(Exception):
+    """Something the user can fix; printed as one paragraph and exit code 2."""
+
+
+class StopRequest:
+    """SIGTERM (spot interruption notice, `kill`) or Ctrl-C: finish the step, save, exit 0.
+    A second Ctrl-C quits at once without saving."""
+
+    def __init__(self):
+        self.signal_name = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signal_name and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        log(f"{self.signal_name} received: saving a checkpoint after this step (Ctrl-C again quits without saving).")
+
+
+def worker_signal_handling(_worker_id: int) -> None:
+    """Loader workers must keep serving batches until the main process has finished its step and saved.
+    Ctrl-C reaches the whole process group: workers ignore it. A shutdown (spot interruption) sends SIGTERM
+    to every process at once: a worker's first SIGTERM gives it WORKER_GRACE_SECONDS more to live, a second
+    one (the loader shutting it down) ends it at once."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def reprieve(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.alarm(WORKER_GRACE_SECONDS)
+
+    signal.signal(signal.SIGTERM, reprieve)
+
+
+WORKER_GRACE_SECONDS = 60
+
+
+# ---------------------------------------------------------------------------------------------------- outputs
+
+METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc1", "train_acc5", "val_loss", "val_acc1", "val_acc5",
+                  "epoch_seconds", "images_per_second", "train_images", "val_images", "skipped_images"]
+
+
+def append_metrics(path: Path, rows: list[dict]) -> None:
+    """Append the rows whose epoch is not in the file yet: the file keeps its history across resumes and
+    never gets a duplicate row, even when a resume repeats an epoch whose checkpoint was lost."""
+    done = set()
+    if path.exists():
+        with open(path, newline="") as f:
+            done = {int(row["epoch"]) for row in csv.DictReader(f)}
+    new_rows = [row for row in rows if row["epoch"] not in done]
+    if not new_rows:
+        return
+    write_header = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+        if write_header:
+            writer.writeheader()
+        writer.writerows(new_rows)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def plot_history(history: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
+    ax_loss.plot(epochs, [r["val_loss"] for r in history], "o-", label="val")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
+    ax_acc.plot(epochs, [r["train_acc1"] for r in history], "o-", label="train top-1")
+    ax_acc.plot(epochs, [r["val_acc1"] for r in history], "o-", label="val top-1")
+    ax_acc.plot(epochs, [r["val_acc5"] for r in history], "--", label="val top-5")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def move_run_aside(output_dir: Path) -> None:
+    """--no-resume never destroys a previous run: its files go to a timestamped subfolder."""
+    old = [output_dir / n for n in (LATEST, PREVIOUS, "metrics.csv", "training_curves.png")]
+    old = [p for p in old if p.exists()]
+    if old:
+        archive = output_dir / time.strftime("previous-%Y%m%d-%H%M%S")
+        archive.mkdir()
+        for p in old:
+            os.replace(p, archive / p.name)
+        log(f"--no-resume: moved the previous run's files to {archive}")
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+def accuracy_counts(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    hits = top5 == labels[:, None]
+    return hits[:, 0].sum(), hits.any(dim=1).sum()
+
+
+class Trainer:
+    def __init__(self, cfg: Config, classes: list[str]):
+        self.cfg, self.classes = cfg, classes
+        device = RT.device
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[self.precision()]
+        torch.manual_seed(cfg.seed)
+        self.model = ARCHITECTURES[cfg.arch](num_classes=len(classes)).to(device)
+        if device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        # self.model stays the bare module: it is what gets saved and evaluated.
+        self.step_model = self.model
+        if RT.world_size > 1:
+            self.step_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        if cfg.compile:
+            self.step_model = torch.compile(self.step_model)
+
+        root = Path(cfg.data_dir)
+        workers = cfg.workers if cfg.workers >= 0 else max(1, (os.cpu_count() or 2) // RT.local_world_size - 1)
+        self.train_set = ImageFolderDataset(root / "train", classes, True, cfg.image_size, cfg.seed,
+                                            cfg.min_crop_scale)
+        val_set = ImageFolderDataset(root / "val", classes, False, cfg.image_size, cfg.seed)
+        self.sampler = TrainBatchSampler(len(self.train_set), cfg.batch_size, RT.rank, RT.world_size, cfg.seed)
+        if self.sampler.steps_per_epoch() == 0:
+            raise UsageError(f"The training set has {len(self.train_set)} images, fewer than one global batch "
+                             f"({cfg.batch_size} x {RT.world_size} processes); lower --batch-size.")
+        pin = device.type == "cuda"
+        self.train_loader = make_loader(self.train_set, self.sampler, workers, pin, worker_signal_handling)
+        self.val_loader = make_loader(val_set, ValBatchSampler(len(val_set), cfg.batch_size, RT.rank, RT.world_size),
+                                      workers, pin, worker_signal_handling)
+        self.val_images = len(val_set)
+        self.normalize = Normalizer(device)
+        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        self.stop = StopRequest()
+        self.history: list[dict] = []
+        self.epoch, self.samples_done = 0, 0
+        self.carried = torch.zeros(5, dtype=torch.float64)  # epoch sums from before a mid-epoch resume
+        self.carried_seconds = 0.0
+
+    def precision(self) -> str:
+        p = self.cfg.precision
+        if RT.device.type == "cpu":
+            if p == "fp16":
+                raise UsageError("--precision fp16 needs a GPU; use bf16 or fp32 on the CPU.")
+            return "fp32" if p == "auto" else p
+        return ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if p == "auto" else p
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.epochs * self.sampler.steps_per_epoch()
+
+    def global_step(self) -> int:
+        return self.epoch * self.sampler.steps_per_epoch() + self.samples_done // self.sampler.global_batch
+
+    def lr_at(self, step: int) -> float:
+        c = self.cfg
+        return onecycle_lr(step, self.total_steps, c.lr, c.pct_start, c.div_factor, c.final_div_factor)
+
+    # -------------------------------------------------------------------------------- checkpoints
+
+    def state(self, epoch_sums: torch.Tensor, seconds: float) -> dict:
+        return {
+            "model": self.model.state_dict(),  # the bare module: no "module." or "_orig_mod." prefixes
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": {"kind": "onecycle", "global_step": self.global_step()},
+            "grad_scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "samples_done": self.samples_done,
+            # Train-metric sums of the unfinished epoch: loss, top-1, top-5, images, skipped images.
+            "epoch_sums": epoch_sums.tolist(),
+            "epoch_seconds": seconds,
+            "history": self.history,
+            "config": asdict(self.cfg),
+            "class_names": self.classes,
+            "world_size": RT.world_size,
+            "torch_version": str(torch.__version__),  # TorchVersion would not load with weights_only
+        }
+
+    def save(self, epoch_sums: torch.Tensor, seconds: float) -> None:
+        if RT.master:
+            save_checkpoint(self.state(epoch_sums, seconds), Path(self.cfg.output_dir))
+
+    def resume(self, state: dict) -> None:
+        saved = state["config"]
+        if state["class_names"] != self.classes:
+            raise UsageError(f"The checkpoint in {self.cfg.output_dir} was trained on {len(state['class_names'])} "
+                             f"other classes than the {len(self.classes)} in {self.cfg.data_dir}. Use another "
+                             f"--output-dir for this dataset, or --no-resume to start over here.")
+        if saved["arch"] != self.cfg.arch:
+            raise UsageError(f"The checkpoint in {self.cfg.output_dir} is a {saved['arch']}, not a {self.cfg.arch}. "
+                             f"Pass --arch {saved['arch']} to continue it, or --no-resume to start over.")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["grad_scaler"])
+        self.epoch, self.samples_done, self.history = state["epoch"], state["samples_done"], state["history"]
+        self.carried = torch.tensor(state["epoch_sums"], dtype=torch.float64)
+        self.carried_seconds = state["epoch_seconds"]
+        for group in self.optimizer.param_groups:  # the command line wins over the saved hyperparameters
+            group.update(momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)
+        if self.epoch >= self.cfg.epochs:
+            return  # finished; run() says so
+        log(f"Resuming {self.cfg.output_dir}: epoch {self.epoch + 1}, "
+            f"{self.samples_done:,}/{len(self.train_set):,} images of it done.")
+        changed = {k: (saved.get(k), v) for k, v in asdict(self.cfg).items()
+                   if k not in ("no_resume", "demo") and saved.get(k) != v}
+        if saved.get("world_size", RT.world_size) != RT.world_size:
+            changed["processes"] = (saved["world_size"], RT.world_size)
+        for key, (old, new) in changed.items():
+            log(f"  {key}: {old} -> {new}; the new value applies from here on.")
+        if changed.keys() & {"epochs", "lr", "pct_start", "div_factor", "final_div_factor", "batch_size", "processes"}:
+            log(f"  The LR schedule is recomputed for {self.cfg.epochs} epochs; the LR now is "
+                f"{self.lr_at(self.global_step()):.4g}.")
+        if changed.keys() & {"batch_size", "processes"} and self.samples_done:
+            log("  The position in the epoch is kept in images, so no image of this epoch is repeated or skipped.")
+        if "seed" in changed:
+            log("  A new seed reshuffles the rest of this epoch too: some of its images repeat, some are skipped.")
+
+    # -------------------------------------------------------------------------------- loops
+
+    def train_epoch(self) -> str:
+        """One epoch from self.samples_done on. Returns "done", or "stop" after saving for a stop request."""
+        cfg, device = self.cfg, RT.device
+        self.sampler.set_epoch(self.epoch, self.samples_done)
+        self.model.train()
+        sums = torch.zeros(5, dtype=torch.float64, device=device)  # this process's share since the resume
+        steps = len(self.sampler)
+        bar = tqdm(total=self.sampler.steps_per_epoch(), initial=self.sampler.steps_per_epoch() - steps,
+                   desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=not RT.master, dynamic_ncols=True,
+                   unit="step", file=sys.stdout)
+        started = last_sync = time.perf_counter()
+        last_save, synced_steps = time.monotonic(), 0
+        for i, (images, labels, skipped) in enumerate(self.train_loader):
+            for line in skipped:
+                log(f"Skipped an unreadable training image: {line}")
+            lr = self.lr_at(self.global_step())
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            x, labels = self.normalize(images), labels.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                logits = self.step_model(x)
+                loss = self.criterion(logits, labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            top1, top5 = accuracy_counts(logits.detach(), labels)
+            sums += torch.stack([loss.detach().double() * len(labels), top1.double(), top5.double(),
+                                 torch.tensor(float(len(labels)), device=device),
+                                 torch.tensor(float(len(skipped)), device=device)])
+            self.samples_done += self.sampler.global_batch
+
+            last = i == steps - 1
+            if (i + 1) % cfg.log_every and not last:
+                continue
+            # The host sync point: one all-reduce carries the metrics and every rank's votes, so all ranks
+            # take the same decisions at the same step.
+            due = RT.master and time.monotonic() - last_save >= cfg.checkpoint_minutes * 60
+            votes = torch.tensor([self.stop.signal_name is not None, due], dtype=torch.float64, device=device)
+            packet = all_reduce(torch.cat([sums, votes])).cpu()
+            epoch_sums = self.carried + packet[:5]
+            if not math.isfinite(epoch_sums[0]):
+                raise NonFiniteLoss(f"The training loss became non-finite in epoch {self.epoch + 1} at step "
+                                    f"{self.global_step()}. The last good checkpoint in {cfg.output_dir} is "
+                                    f"untouched. Try a lower --lr, or --precision bf16/fp32 instead of fp16.")
+            now = time.perf_counter()
+            seen = epoch_sums[3].item()
+            bar.update(i + 1 - synced_steps)
+            images_per_second = (i + 1 - synced_steps) * self.sampler.global_batch / (now - last_sync)
+            bar.set_postfix(loss=f"{epoch_sums[0].item() / seen:.3f}", top1=f"{100 * epoch_sums[1].item() / seen:.1f}%",
+                            lr=f"{lr:.3g}", img_s=f"{images_per_second:.0f}")
+            synced_steps, last_sync = i + 1, now
+            seconds = self.carried_seconds + now - started
+            if packet[5] > 0 or packet[6] > 0:
+                self.save(epoch_sums, seconds)
+                last_save = time.monotonic()
+                if packet[5] > 0:
+                    bar.close()
+                    return "stop"
+        bar.close()
+        self.epoch_sums = self.carried + all_reduce(sums).cpu() if steps == 0 else epoch_sums
+        self.epoch_seconds = self.carried_seconds + time.perf_counter() - started
+        return "done"
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        if RT.world_size > 1:  # BN statistics drift apart per rank; evaluate and save rank 0's everywhere
+            for buffer in self.model.buffers():
+                dist.broadcast(buffer, 0)
+        self.model.eval()
+        sums = torch.zeros(5, dtype=torch.float64, device=RT.device)
+        for images, labels, skipped in self.val_loader:
+            for line in skipped:
+                log(f"Skipped an unreadable val image: {line}")
+            labels = labels.to(RT.device, non_blocking=True)
+            with torch.autocast(RT.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                logits = self.model(self.normalize(images)).float()
+            good = labels >= 0
+            logits, labels = logits[good], labels[good]
+            top1, top5 = accuracy_counts(logits, labels)
+            sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(), top1.double(),
+                                 top5.double(), good.sum().double(), (~good).sum().double()])
+        self.model.train()
+        loss, top1, top5, images, skipped = all_reduce(sums).tolist()
+        return {"val_loss": loss / max(images, 1), "val_acc1": 100 * top1 / max(images, 1),
+                "val_acc5": 100 * top5 / max(images, 1), "val_images": int(images), "val_skipped": int(skipped)}
+
+    def check_ranks_agree(self) -> None:
+        """DDP keeps replicas identical by construction; verify it once per epoch, it costs one all-gather."""
+        if RT.world_size == 1:
+            return
+        fingerprint = torch.stack([t.detach().double().sum() for t in self.model.state_dict().values()
+                                   if t.is_floating_point()]).sum()
+        gathered = [torch.zeros_like(fingerprint) for _ in range(RT.world_size)]
+        dist.all_gather(gathered, fingerprint)
+        if any(g != gathered[0] for g in gathered):
+            raise RuntimeError(f"Model replicas differ across ranks after epoch {self.epoch + 1}: "
+                               f"{[g.item() for g in gathered]}")
+        log(f"Weights identical on all {RT.world_size} ranks (fingerprint {fingerprint.item():.12g}).")
+
+    def fit(self) -> int:
+        cfg = self.cfg
+        out = Path(cfg.output_dir)
+        log(f"Training {cfg.arch} on {RT.world_size} x {RT.device.type} ({self.precision()}), "
+            f"{cfg.batch_size} images per process per step, {self.sampler.steps_per_epoch()} steps per epoch, "
+            f"peak LR {cfg.lr}, {cfg.epochs} epochs. Outputs: {out}")
+        while self.epoch < cfg.epochs:
+            if self.train_epoch() == "stop":
+                log(f"Stopped by {self.stop.signal_name}; checkpoint saved at epoch {self.epoch + 1}, "
+                    f"{self.samples_done:,} images into it. Rerun the same command to continue.")
+                return 0
+            val = self.evaluate()
+            self.check_ranks_agree()
+            loss, top1, top5, images, skipped = self.epoch_sums.tolist()
+            skipped += val.pop("val_skipped")
+            row = {"epoch": self.epoch + 1, "lr": self.lr_at(self.global_step() - 1), "train_loss": loss / images,
+                   "train_acc1": 100 * top1 / images, "train_acc5": 100 * top5 / images, **val,
+                   "epoch_seconds": self.epoch_seconds, "images_per_second": images / self.epoch_seconds,
+                   "train_images": int(images), "skipped_images": int(skipped)}
+            self.history.append(row)
+            self.epoch, self.samples_done = self.epoch + 1, 0
+            self.carried, self.carried_seconds = torch.zeros(5, dtype=torch.float64), 0.0
+            self.save(self.carried, 0.0)
+            if RT.master:
+                append_metrics(out / "metrics.csv", [row])
+                plot_history(self.history, out / "training_curves.png")
+            log(f"epoch {row['epoch']}/{cfg.epochs}: train loss {row['train_loss']:.4f} top-1 "
+                f"{row['train_acc1']:.2f}% | val loss {row['val_loss']:.4f} top-1 {row['val_acc1']:.2f}% "
+                f"top-5 {row['val_acc5']:.2f}% on {row['val_images']:,} images | {row['epoch_seconds']:.0f} s, "
+                f"{row['images_per_second']:.0f} img/s, "
+                f"about {format_duration((cfg.epochs - self.epoch) * self.epoch_seconds)} to go"
+                + (f" | {row['skipped_images']} unreadable images skipped" if row["skipped_images"] else ""))
+            stop_votes = all_reduce(torch.tensor([float(self.stop.signal_name is not None)], device=RT.device))
+            if stop_votes.item() > 0 and self.epoch < cfg.epochs:
+                log(f"Stopped by a signal after epoch {self.epoch}; rerun the same command to continue.")
+                return 0
+        log(f"Training finished: {cfg.epochs} epochs, final val top-1 {self.history[-1]['val_acc1']:.2f}%. "
+            f"Outputs in {out}.")
+        return 0
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+def launch_one_process_per_gpu(argv: list[str]) -> int:
+    """`python train.py` on a multi-GPU box: become torchrun with one process per GPU. --standalone lets
+    torch.distributed pick a free port, so two jobs on one box never collide."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    try:
+        torchrun(["--standalone", f"--nproc_per_node={torch.cuda.device_count()}", __file__, *argv])
+    except SignalException as err:
+        print(f"Launcher received signal {err.sigval}; the workers saved a checkpoint on their way out. "
+              f"Rerun the same command to continue.")
+    except ChildFailedError as err:
+        print(f"A training process failed; see its error above. {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def prepare(cfg: Config) -> list[str]:
+    """Everything that can fail because of the user's input, before any process group or GPU work."""
+    if cfg.demo and Path(cfg.data_dir) == DEMO_DATA_DIR:
+        make_demo_dataset(DEMO_DATA_DIR)
+    layout = check_layout(cfg.data_dir)
+    if "RANK" not in os.environ or os.environ["RANK"] == "0":
+        print(f"Data: {layout.summary()}")
+    return layout.classes
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = parse_config(argv)
+    try:
+        classes = prepare(cfg)
+        device_type = resolve_device(cfg.device)
+        if device_type == "cuda" and "RANK" not in os.environ and torch.cuda.device_count() > 1:
+            return launch_one_process_per_gpu(argv)
+        global RT
+        RT = setup_distributed(device_type)
+        return run(cfg, classes)
+    except (DatasetLayoutError, UsageError, CheckpointError) as err:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except NonFiniteLoss as err:
+        log(f"error: {err}")
+        return EXIT_NON_FINITE
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(cfg: Config, classes: list[str]) -> int:
+    out = Path(cfg.output_dir)
+    state, error = None, None
+    if RT.master:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(out)
+            if cfg.no_resume:
+                move_run_aside(out)
+            else:
+                state = load_latest_checkpoint(out, log)
+        except (CheckpointError, OSError) as err:
+            error = err
+    if RT.world_size > 1:
+        # Only rank 0 reads the checkpoint: other nodes need no shared filesystem, and one copy is read once.
+        shared = [state, error]
+        dist.broadcast_object_list(shared, src=0)
+        state, error = shared
+    if error is not None:
+        raise error if isinstance(error, CheckpointError) else UsageError(f"Cannot use {out}: {error}")
+    trainer = Trainer(cfg, classes)
+    if state is not None:
+        trainer.resume(state)
+        if RT.master:
+            append_metrics(out / "metrics.csv", trainer.history)  # rows a kill kept out of the file
+        if trainer.epoch >= cfg.epochs:
+            last = trainer.history[-1]["val_acc1"] if trainer.history else float("nan")
+            log(f"This run is already finished ({trainer.epoch} of {cfg.epochs} epochs, val top-1 {last:.2f}%). "
+                f"Outputs are in {out}. Pass a larger --epochs to train on, or --no-resume to start over.")
+            return 0
+    return trainer.fit()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
