@@ -288,6 +288,35 @@ def accuracy_counts(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     return hits[:, 0].sum(), hits.any(dim=1).sum()
 
 
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, normalize: Normalizer, amp_dtype: torch.dtype | None,
+             flip: bool = False) -> dict:
+    """Loss, top-1 and top-5 over this rank's share of `loader`, summed over all ranks: exact counts, no
+    padded duplicates. flip=True averages the logits of each image and its mirror image."""
+    device = normalize.device
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(5, dtype=torch.float64, device=device)
+    for images, labels, skipped in loader:
+        for line in skipped:
+            log(f"Skipped an unreadable val image: {line}")
+        labels = labels.to(device, non_blocking=True)
+        x = normalize(images)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(x).float()
+            if flip:
+                logits = (logits + model(x.flip(3)).float()) / 2
+        good = labels >= 0
+        logits, labels = logits[good], labels[good]
+        top1, top5 = accuracy_counts(logits, labels)
+        sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(), top1.double(),
+                             top5.double(), good.sum().double(), (~good).sum().double()])
+    model.train(was_training)
+    loss, top1, top5, images, skipped = all_reduce(sums).tolist()
+    return {"val_loss": loss / max(images, 1), "val_acc1": 100 * top1 / max(images, 1),
+            "val_acc5": 100 * top5 / max(images, 1), "val_images": int(images), "val_skipped": int(skipped)}
+
+
 class Trainer:
     def __init__(self, cfg: Config, classes: list[str]):
         self.cfg, self.classes = cfg, classes
@@ -475,28 +504,11 @@ class Trainer:
         self.epoch_seconds = self.carried_seconds + time.perf_counter() - started
         return "done"
 
-    @torch.no_grad()
     def evaluate(self) -> dict:
         if RT.world_size > 1:  # BN statistics drift apart per rank; evaluate and save rank 0's everywhere
             for buffer in self.model.buffers():
                 dist.broadcast(buffer, 0)
-        self.model.eval()
-        sums = torch.zeros(5, dtype=torch.float64, device=RT.device)
-        for images, labels, skipped in self.val_loader:
-            for line in skipped:
-                log(f"Skipped an unreadable val image: {line}")
-            labels = labels.to(RT.device, non_blocking=True)
-            with torch.autocast(RT.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                logits = self.model(self.normalize(images)).float()
-            good = labels >= 0
-            logits, labels = logits[good], labels[good]
-            top1, top5 = accuracy_counts(logits, labels)
-            sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(), top1.double(),
-                                 top5.double(), good.sum().double(), (~good).sum().double()])
-        self.model.train()
-        loss, top1, top5, images, skipped = all_reduce(sums).tolist()
-        return {"val_loss": loss / max(images, 1), "val_acc1": 100 * top1 / max(images, 1),
-                "val_acc5": 100 * top5 / max(images, 1), "val_images": int(images), "val_skipped": int(skipped)}
+        return evaluate(self.model, self.val_loader, self.normalize, self.amp_dtype)
 
     def check_ranks_agree(self) -> None:
         """DDP keeps replicas identical by construction; verify it once per epoch, it costs one all-gather."""
