@@ -1,0 +1,42 @@
+"""Shared fixtures: real small image data and a helper that runs train.py the way a user does."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from data import make_demo_dataset  # noqa: E402
+
+# Small, fast settings on the digits data: a few seconds per epoch on two CPU cores.
+FAST = ["--arch", "resnet14_tiny", "--image-size", "32", "--batch-size", "32", "--min-crop-scale", "0.35",
+        "--lr", "0.2", "--workers", "1", "--device", "cpu"]
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    """scikit-learn's 1,797 real handwritten digits as JPEG class folders (1,437 train / 360 val)."""
+    return make_demo_dataset(tmp_path_factory.mktemp("data") / "digits")
+
+
+@pytest.fixture(scope="session")
+def odd_digits_dir(digits_dir, tmp_path_factory) -> Path:
+    """The digits with one val image removed: 359 val images, odd for any world size above 1."""
+    root = tmp_path_factory.mktemp("data") / "odd_digits"
+    shutil.copytree(digits_dir, root)
+    next((root / "val" / "digit_0").iterdir()).unlink()
+    return root
+
+
+def train_cmd(*args) -> list[str]:
+    return [sys.executable, str(REPO / "train.py"), *map(str, args)]
+
+
+def run_train(*args, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(train_cmd(*args), capture_output=True, text=True, timeout=timeout, env=env, **kwargs)

@@ -1,0 +1,169 @@
+import io
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.datasets import load_sample_image
+
+from data import (ImageFolderDataset, TrainBatchSampler, ValBatchSampler, center_crop_box, collate, decode_region,
+                  make_loader, random_resized_crop_box, sample_rng)
+from dataset_paths import DatasetLayoutError, check_layout
+
+
+def epoch_batches(num_samples, batch, world, seed, epoch, start=0):
+    """{rank: [batch, ...]} for one epoch."""
+    out = {}
+    for rank in range(world):
+        sampler = TrainBatchSampler(num_samples, batch, rank, world, seed)
+        sampler.set_epoch(epoch, start)
+        out[rank] = list(sampler)
+    return out
+
+
+def test_ranks_share_an_epoch_without_overlap_and_reshuffle_each_epoch():
+    per_rank = epoch_batches(103, 5, 3, seed=1, epoch=0)
+    indices = [i for batches in per_rank.values() for b in batches for _, i in b]
+    assert len(indices) == len(set(indices)) == (103 // 15) * 15
+    assert all(len(b) == 5 for batches in per_rank.values() for b in batches)
+    again = epoch_batches(103, 5, 3, seed=1, epoch=0)
+    assert again == per_rank
+    next_epoch = epoch_batches(103, 5, 3, seed=1, epoch=1)
+    assert [i for _, i in next_epoch[0][0]] != [i for _, i in per_rank[0][0]]
+
+
+def test_resuming_mid_epoch_yields_exactly_the_remaining_batches():
+    full = epoch_batches(100, 4, 2, seed=3, epoch=2)
+    resumed = epoch_batches(100, 4, 2, seed=3, epoch=2, start=5 * 8)  # 5 steps of a global batch of 8 done
+    assert all(resumed[r] == full[r][5:] for r in range(2))
+
+
+def test_a_new_world_size_continues_from_the_same_image():
+    done = 6 * 8  # six steps on two ranks with batch 4
+    two_ranks = epoch_batches(100, 4, 2, seed=0, epoch=0)
+    seen = {i for r in range(2) for b in two_ranks[r][:6] for _, i in b}
+    one_rank = epoch_batches(100, 4, 1, seed=0, epoch=0, start=done)
+    rest = [i for b in one_rank[0] for _, i in b]
+    assert not seen & set(rest)
+    assert len(seen) + len(rest) == 100
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_validation_covers_every_image_exactly_once(world):
+    indices = [i for rank in range(world) for b in ValBatchSampler(359, 16, rank, world) for _, i in b]
+    assert sorted(indices) == list(range(359))
+
+
+def test_random_resized_crop_boxes_stay_inside_and_follow_the_scale_range():
+    rng = np.random.default_rng(0)
+    fractions = []
+    for _ in range(2000):
+        left, top, w, h = random_resized_crop_box(rng, 500, 375, 0.08)
+        assert 0 <= left and 0 <= top and left + w <= 500 and top + h <= 375 and w > 0 and h > 0
+        fractions.append(w * h / (500 * 375))
+    assert 0.07 < min(fractions) < 0.12 and max(fractions) > 0.9
+    assert 0.4 < np.mean(fractions) < 0.6  # uniform in [0.08, 1] has mean 0.54; rejections shift it a little
+
+
+def test_reduced_size_decode_matches_full_decode_then_resize(tmp_path):
+    photo = tmp_path / "china.jpg"
+    Image.fromarray(load_sample_image("china.jpg")).save(photo, quality=90)  # a real 640x427 photograph
+    box = (100, 50, 400, 300)
+    fast = np.asarray(decode_region(bytes(photo), lambda w, h: box, 64), dtype=np.float32)
+    with Image.open(photo) as img:
+        full = img.convert("RGB").resize((64, 64), Image.Resampling.BILINEAR, box=(100, 50, 500, 350))
+    assert np.abs(fast - np.asarray(full, dtype=np.float32)).mean() < 3.0
+
+
+def test_center_crop_keeps_87_5_percent_of_the_shorter_side():
+    left, top, w, h = center_crop_box(640, 480, 224)
+    assert (w, h) == (420, 420) and left == 110 and top == 30
+
+
+def test_augmentation_depends_only_on_seed_epoch_and_index(digits_dir):
+    classes = check_layout(digits_dir).classes
+    ds = ImageFolderDataset(digits_dir / "train", classes, True, 32, seed=7, min_crop_scale=0.35)
+    first = ds[(3, 11)][0]
+    assert torch.equal(first, ds[(3, 11)][0])
+    assert not torch.equal(first, ds[(4, 11)][0])
+    assert not torch.equal(first, ImageFolderDataset(digits_dir / "train", classes, True, 32, 8, 0.35)[(3, 11)][0])
+    # The same batches come out whatever the number of loader workers.
+    batches = {}
+    for workers in (0, 2):
+        sampler = TrainBatchSampler(len(ds), 16, 0, 1, seed=7)
+        sampler.set_epoch(3, 64)
+        batches[workers] = [b[0] for _, b in zip(range(3), make_loader(ds, sampler, workers, False))]
+    assert all(torch.equal(a, b) for a, b in zip(batches[0], batches[2], strict=True))
+    assert sample_rng(7, 3, 11).random() == sample_rng(7, 3, 11).random()
+
+
+@pytest.fixture
+def odd_images_dir(tmp_path):
+    """A class folder with the files real ImageNet contains: PNG named .JPEG, CMYK, grayscale, and broken ones."""
+    photo = Image.fromarray(load_sample_image("flower.jpg")).resize((120, 90))
+    folder = tmp_path / "train" / "n000"
+    folder.mkdir(parents=True)
+    photo.save(folder / "a_png_in_disguise.JPEG", format="PNG")
+    photo.convert("CMYK").save(folder / "b_cmyk.JPEG")
+    photo.convert("L").save(folder / "c_gray.JPEG")
+    buf = io.BytesIO()
+    photo.save(buf, format="JPEG")
+    (folder / "d_truncated.JPEG").write_bytes(buf.getvalue()[:300])
+    (folder / "e_empty.JPEG").write_bytes(b"")
+    (folder / "f_text.JPEG").write_text("not an image")
+    photo.save(folder / "g_good.JPEG")
+    shutil.copytree(tmp_path / "train", tmp_path / "val")
+    return tmp_path
+
+
+def test_odd_images_decode_and_broken_ones_are_skipped_and_reported(odd_images_dir):
+    train = ImageFolderDataset(odd_images_dir / "train", ["n000"], True, 32, seed=0)
+    for index in range(3):  # PNG, CMYK, grayscale: all decode to RGB
+        image, label, skipped = train[(0, index)]
+        assert image.shape == (32, 32, 3) and label == 0 and skipped == []
+    image, label, skipped = train[(0, 3)]  # truncated, empty and text files are replaced by the next good one
+    assert label == 0 and image.shape == (32, 32, 3)
+    assert [s.split(" ")[0].rsplit("/", 1)[1] for s in skipped] == ["d_truncated.JPEG", "e_empty.JPEG", "f_text.JPEG"]
+    val = ImageFolderDataset(odd_images_dir / "val", ["n000"], False, 32, seed=0)
+    batch = collate([val[(0, i)] for i in range(len(val))])
+    assert batch[1].tolist() == [0, 0, 0, -1, -1, -1, 0]  # val leaves broken files out instead of substituting
+    assert len(batch[2]) == 3
+
+
+def make_class_dirs(root, split, classes, files=1):
+    for c in classes:
+        (root / split / c).mkdir(parents=True, exist_ok=True)
+        for i in range(files):
+            Image.new("RGB", (8, 8)).save(root / split / c / f"{i}.JPEG")
+
+
+def test_layout_check_accepts_a_good_tree_and_counts_it(tmp_path):
+    make_class_dirs(tmp_path, "train", ["a", "b"], files=3)
+    make_class_dirs(tmp_path, "val", ["a", "b"])
+    layout = check_layout(tmp_path)
+    assert (layout.classes, layout.train_images, layout.val_images) == (["a", "b"], 6, 2)
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing", "does not exist"),
+    ("no_val", "has no val/ folder"),
+    ("flat_val", "holds 3 images directly instead of class folders"),
+    ("mismatch", "must hold the same class folders"),
+    ("empty_train", "no images"),
+])
+def test_layout_check_explains_each_mistake(tmp_path, case, expected):
+    root = tmp_path / "data"
+    if case != "missing":
+        make_class_dirs(root, "train", ["a", "b"], files=0 if case == "empty_train" else 1)
+    if case == "flat_val":
+        (root / "val").mkdir()
+        for i in range(3):
+            Image.new("RGB", (8, 8)).save(root / "val" / f"ILSVRC2012_val_{i:08d}.JPEG")
+    elif case == "mismatch":
+        make_class_dirs(root, "val", ["a", "c"])
+    elif case == "empty_train":
+        make_class_dirs(root, "val", ["a", "b"])
+    with pytest.raises(DatasetLayoutError, match=expected) as err:
+        check_layout(root)
+    assert "prepare_imagenet.py" in str(err.value)

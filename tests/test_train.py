@@ -1,0 +1,127 @@
+import csv
+import hashlib
+
+import pytest
+import torch
+from conftest import FAST, run_train
+
+from checkpoint import LATEST, PREVIOUS
+from train import onecycle_lr, parse_config
+
+
+def read_metrics(out):
+    with open(out / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_onecycle_lr_equals_torch_onecyclelr():
+    for total, pct in ((100, 0.3), (37, 0.25), (1000, 0.5)):
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.175, total_steps=total, pct_start=pct,
+                                                    div_factor=25, final_div_factor=1e4, cycle_momentum=False)
+        for step in range(total):
+            expected = opt.param_groups[0]["lr"]
+            assert onecycle_lr(step, total, 0.175, pct, 25, 1e4) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+            opt.step()
+            sched.step()
+
+
+def test_defaults_are_the_original_recipe_and_demo_only_fills_unset_flags():
+    cfg = parse_config([])
+    assert (cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.epochs, cfg.image_size, cfg.arch) == \
+        (256, 0.175, 0.9, 1e-4, 50, 224, "resnet50")
+    demo = parse_config(["--demo", "--epochs", "3"])
+    assert demo.epochs == 3 and demo.image_size == 32 and demo.data_dir.endswith("digits")
+
+
+@pytest.mark.parametrize("flags", [["--epochs", "0"], ["--lr", "-1"], ["--device", "tpu"], ["--min-crop-scale", "2"]])
+def test_bad_flags_are_refused_with_a_message(flags):
+    result = run_train(*flags)
+    assert result.returncode == 2
+    assert "error:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_short_run_learns_and_writes_every_artifact(digits_dir, tmp_path):
+    out = tmp_path / "run"
+    result = run_train("--data-dir", digits_dir, "--output-dir", out, "--epochs", 4, *FAST)
+    assert result.returncode == 0, result.stderr
+    rows = read_metrics(out)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    assert float(rows[-1]["val_acc1"]) > 50 > float(rows[0]["val_acc1"])  # 10 classes: chance is 10%
+    assert all(int(r["val_images"]) == 360 and int(r["train_images"]) == 1437 // 32 * 32 for r in rows)
+    assert (out / "training_curves.png").stat().st_size > 10_000
+
+    state = torch.load(out / LATEST, map_location="cpu", weights_only=True)
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["model"])
+    assert state["epoch"] == 4 and state["samples_done"] == 0 and state["config"]["epochs"] == 4
+    assert state["class_names"] == [f"digit_{i}" for i in range(10)]
+    assert {"optimizer", "grad_scaler", "scheduler", "history"} <= state.keys()
+    assert torch.load(out / PREVIOUS, map_location="cpu", weights_only=True)["epoch"] == 3
+
+    again = run_train("--data-dir", digits_dir, "--output-dir", out, "--epochs", 4, *FAST)
+    assert again.returncode == 0 and "already finished" in again.stdout
+    assert len(read_metrics(out)) == 4
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_bad_data_layout_is_refused_before_any_work(tmp_path):
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    (tmp_path / "val").mkdir()
+    (tmp_path / "val" / "ILSVRC2012_val_00000001.JPEG").write_bytes(b"x")
+    result = run_train("--data-dir", tmp_path, "--output-dir", tmp_path / "out", "--device", "cpu")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "instead of class folders" in result.stderr and "prepare_imagenet.py" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_checkpoints_fall_back_then_refuse_then_move_aside(digits_dir, tmp_path):
+    out = tmp_path / "run"
+    args = ["--data-dir", digits_dir, "--output-dir", out, *FAST]
+    assert run_train(*args, "--epochs", 2).returncode == 0
+    (out / LATEST).write_bytes((out / LATEST).read_bytes()[:1000])  # truncated, as by a full disk
+    result = run_train(*args, "--epochs", 3)
+    assert result.returncode == 0, result.stderr
+    assert "unreadable" in result.stdout and "older checkpoint" in result.stdout
+    assert [int(r["epoch"]) for r in read_metrics(out)] == [1, 2, 3]  # epoch 2 redone, not duplicated
+
+    (out / LATEST).write_bytes(b"garbage")
+    (out / PREVIOUS).write_bytes(b"")
+    refused = run_train(*args, "--epochs", 4)
+    assert refused.returncode == 2 and "Refusing to start over" in refused.stderr
+    assert (out / LATEST).read_bytes() == b"garbage"  # nothing was overwritten
+
+    fresh = run_train(*args, "--epochs", 1, "--no-resume")
+    assert fresh.returncode == 0, fresh.stderr
+    archived = [p for p in out.iterdir() if p.name.startswith("previous-")]
+    assert len(archived) == 1 and (archived[0] / LATEST).read_bytes() == b"garbage"
+    assert [int(r["epoch"]) for r in read_metrics(out)] == [1]
+
+
+def test_non_finite_loss_stops_without_touching_the_last_good_checkpoint(digits_dir, tmp_path):
+    out = tmp_path / "run"
+    args = ["--data-dir", digits_dir, "--output-dir", out, *FAST]
+    assert run_train(*args, "--epochs", 1).returncode == 0
+    before = digest(out / LATEST)
+    result = run_train(*args, "--epochs", 3, "--lr", "1e30", "--checkpoint-minutes", "0.0001")
+    assert result.returncode == 3
+    assert "non-finite" in result.stdout + result.stderr
+    assert digest(out / LATEST) == before
+    assert len(read_metrics(out)) == 1
+
+
+def test_changed_settings_on_resume_are_announced_and_applied(digits_dir, tmp_path):
+    out = tmp_path / "run"
+    args = ["--data-dir", digits_dir, "--output-dir", out, *FAST]
+    assert run_train(*args, "--epochs", 1).returncode == 0
+    result = run_train(*args, "--epochs", 2, "--lr", "0.1", "--batch-size", "48")
+    assert result.returncode == 0, result.stderr
+    for line in ("epochs: 1 -> 2", "lr: 0.2 -> 0.1", "batch_size: 32 -> 48", "LR schedule is recomputed"):
+        assert line in result.stdout
+    state = torch.load(out / LATEST, map_location="cpu", weights_only=True)
+    assert state["config"]["lr"] == 0.1 and state["epoch"] == 2
+    wrong_arch = run_train(*args, "--epochs", 3, "--arch", "resnet26_narrow")
+    assert wrong_arch.returncode == 2 and "--arch resnet14_tiny" in wrong_arch.stderr
