@@ -1,0 +1,420 @@
+#!/usr/bin/env bash
+# One command on a fresh Ubuntu GPU instance: mount the ImageNet volume, install, update the code and
+# start (or resume) ResNet-50 training detached. Safe to rerun. Run with --help for the options.
+set -euo pipefail
+
+usage() {
+    cat <<'EOF'
+Usage: setup_and_train.sh [options] [--] [train.py options]
+
+Mounts the data volume at $MOUNT_POINT (default /mnt/imagenet), adds it to /etc/fstab, creates a venv
+on it, gets or updates the code, and starts `python train.py` in a tmux session (nohup if tmux is
+missing). Rerunning it resumes training: train.py picks up its last checkpoint in the output dir.
+
+Options:
+  --device /dev/NAME       data disk to use (default: the largest unmounted, non-root EBS disk)
+  --format-empty-disk      allow mkfs.ext4 on the chosen disk, only if it is completely empty
+                           (no filesystem or partition table and the first MiB all zeros)
+  --local-changes MODE     what to do with uncommitted changes in the checkout before updating it:
+                             keep    leave the checkout as it is, do not update (default when not
+                                     run from a terminal)
+                             reset   discard them (runs/, data/ and *.pth files are kept)
+                             backup  save them to $MOUNT_POINT/backups/*.tar.gz, then reset
+                             merge   update and re-apply them (git pull --autostash)
+                           Asked interactively when stdin is a terminal.
+  --repo-url URL           where to clone the code if this script is not inside a checkout
+                           (env REPO_URL; default: origin of the checkout the script sits in)
+  --output-dir DIR         checkpoints and logs (env OUTPUT_DIR; default $MOUNT_POINT/runs/resnet50)
+  --session NAME           tmux session name (env SESSION; default resnet50)
+  --demo                   no ImageNet: skip disk and mount work, run `train.py --demo`
+  --dry-run                print every action, change nothing
+  -h, --help               this help
+
+Everything after `--`, and any option not listed above, is passed to train.py, for example
+  ./setup_and_train.sh -- --epochs 90 --batch-size 256
+train.py reads the data from $DATASET_PATH (default $MOUNT_POINT/extracted; see prepare_imagenet.py).
+
+Environment for tests: MOUNT_POINT, FSTAB (default /etc/fstab), DEV_DIR (default /dev), VENV.
+EOF
+}
+
+MOUNT_POINT=${MOUNT_POINT:-/mnt/imagenet}
+FSTAB=${FSTAB:-/etc/fstab}
+DEV_DIR=${DEV_DIR:-/dev}
+SESSION=${SESSION:-resnet50}
+DEVICE=""
+FORMAT_EMPTY=0
+LOCAL_CHANGES=""
+DRY_RUN=0
+DEMO=0
+PASSTHROUGH=()
+SUDO=""
+if [[ $EUID -ne 0 ]]; then SUDO=sudo; fi
+
+say() { printf '==> %s\n' "$*"; }
+warn() { printf 'warning: %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# Every command that changes something goes through run, so --dry-run can print it instead.
+run() {
+    if ((DRY_RUN)); then
+        printf '[dry-run] %s\n' "$*"
+    else
+        printf '+ %s\n' "$*"
+        "$@"
+    fi
+}
+
+need_value() {
+    [[ $# -ge 2 && -n $2 ]] || die "$1 needs a value (see --help)."
+}
+
+parse_args() {
+    while (($#)); do
+        case $1 in
+            --device) need_value "$@"; DEVICE=$2; shift 2 ;;
+            --format-empty-disk) FORMAT_EMPTY=1; shift ;;
+            --local-changes)
+                need_value "$@"
+                case $2 in keep | reset | backup | merge) LOCAL_CHANGES=$2 ;;
+                    *) die "--local-changes must be keep, reset, backup or merge, not '$2'." ;;
+                esac
+                shift 2 ;;
+            --repo-url) need_value "$@"; REPO_URL=$2; shift 2 ;;
+            --output-dir) need_value "$@"; OUTPUT_DIR=$2; shift 2 ;;
+            --session) need_value "$@"; SESSION=$2; shift 2 ;;
+            --demo) DEMO=1; shift ;;
+            --dry-run) DRY_RUN=1; shift ;;
+            -h | --help) usage; exit 0 ;;
+            --) shift; PASSTHROUGH+=("$@"); break ;;
+            *) PASSTHROUGH+=("$1"); shift ;;
+        esac
+    done
+}
+
+# ------------------------------------------------------------------------------------------ disk
+# lsblk -P prints KEY="value" pairs; field reads one of them from such a line.
+field() {
+    local re="(^| )$2=\"([^\"]*)\""
+    if [[ $1 =~ $re ]]; then printf '%s' "${BASH_REMATCH[2]}"; fi
+}
+
+declare -A PARENT=() SIZE=() TYPE=() FSTYPE=() MOUNTED=() MODEL=() BUSY=()
+NAMES=()
+
+read_lsblk() {
+    local line name
+    while IFS= read -r line; do
+        [[ -n $line ]] || continue
+        name=$(field "$line" NAME)
+        NAMES+=("$name")
+        PARENT[$name]=$(field "$line" PKNAME)
+        SIZE[$name]=$(field "$line" SIZE)
+        TYPE[$name]=$(field "$line" TYPE)
+        FSTYPE[$name]=$(field "$line" FSTYPE)
+        MOUNTED[$name]=$(field "$line" MOUNTPOINT)
+        MODEL[$name]=$(field "$line" MODEL)
+    done < <(lsblk -P -b -o NAME,TYPE,SIZE,FSTYPE,MOUNTPOINT,PKNAME,MODEL)
+    # A disk is busy when it or anything below it (partition, LVM, swap) is mounted.
+    local n
+    for name in "${NAMES[@]}"; do
+        [[ -n ${MOUNTED[$name]} ]] || continue
+        n=$name
+        while [[ -n $n ]]; do BUSY[$n]=1; n=${PARENT[$n]:-}; done
+    done
+}
+
+children_of() {
+    local name
+    for name in "${NAMES[@]}"; do
+        if [[ ${PARENT[$name]} == "$1" ]]; then printf '%s\n' "$name"; fi
+    done
+}
+
+pick_disk() {
+    local name best="" skipped=()
+    for name in "${NAMES[@]}"; do
+        [[ ${TYPE[$name]} == disk && -z ${BUSY[$name]:-} ]] || continue
+        # Instance-store disks can be larger than the EBS volume but are wiped when the instance stops.
+        if [[ ${MODEL[$name]} == *"Instance Storage"* ]]; then skipped+=("$name"); continue; fi
+        if [[ -z $best ]] || ((SIZE[$name] > SIZE[$best])); then best=$name; fi
+    done
+    ((${#skipped[@]} == 0)) || say "not considering instance-store disk(s) ${skipped[*]}: they are erased on stop" >&2
+    [[ -n $best ]] || die "No unmounted data disk found (lsblk lists only the root disk or mounted ones). Attach \
+the EBS volume to this instance (see ImageNet_Setup_Guide.md) or pass --device /dev/NAME."
+    say "picked /dev/$best ($((SIZE[$best] / 1000000000)) GB, ${MODEL[$best]:-unknown model}), the largest \
+unmounted non-root disk; use --device to choose another" >&2
+    printf '%s' "$best"
+}
+
+# blkid -p reads the superblocks directly, so a disk formatted a moment ago is seen too.
+probe() {
+    local rc=0 out
+    out=$($SUDO blkid -p -o export "$DEV_DIR/$1") || rc=$?
+    # 2 means "nothing found"; anything else is a real failure (e.g. no permission).
+    ((rc == 0 || rc == 2)) || die "blkid could not read $DEV_DIR/$1 (exit $rc)."
+    printf '%s\n' "$out"
+}
+
+probe_value() {
+    probe "$1" | sed -n "s/^$2=//p"
+}
+
+# Empty means: no partitions, nothing blkid recognizes (filesystem, RAID, LVM, partition table) and
+# the first MiB all zeros, where every common format keeps its signature.
+is_empty_disk() {
+    local dev=$DEV_DIR/$1
+    [[ -z $(children_of "$1") ]] || return 1
+    local signatures
+    signatures=$(probe "$1") || exit 1
+    [[ -z $signatures ]] || return 1
+    $SUDO cmp -s -n 1048576 "$dev" /dev/zero
+}
+
+ensure_fstab() {
+    local dev=$1 uuid fstype
+    uuid=$(probe_value "$dev" UUID)
+    fstype=$(probe_value "$dev" TYPE)
+    if [[ -z $uuid ]]; then
+        ((DRY_RUN)) && { say "[dry-run] would add an fstab entry once the disk has a filesystem"; return; }
+        die "$DEV_DIR/$dev has no filesystem UUID; cannot add it to $FSTAB."
+    fi
+    if [[ -f $FSTAB ]] && awk -v mp="$MOUNT_POINT" -v id="UUID=$uuid" \
+        '$1 !~ /^#/ && ($2 == mp || $1 == id) { found = 1 } END { exit !found }' "$FSTAB"; then
+        say "$FSTAB already has an entry for $MOUNT_POINT or UUID=$uuid"
+        return
+    fi
+    # nofail: the instance still boots if the volume is detached.
+    local entry="UUID=$uuid $MOUNT_POINT $fstype defaults,nofail 0 2"
+    if ((DRY_RUN)); then
+        printf '[dry-run] append to %s: %s\n' "$FSTAB" "$entry"
+    else
+        printf '+ append to %s: %s\n' "$FSTAB" "$entry"
+        printf '%s\n' "$entry" | $SUDO tee -a "$FSTAB" >/dev/null
+    fi
+}
+
+setup_disk() {
+    read_lsblk
+    local name
+    for name in "${NAMES[@]}"; do
+        if [[ ${MOUNTED[$name]} == "$MOUNT_POINT" ]]; then
+            say "$DEV_DIR/$name is already mounted at $MOUNT_POINT"
+            ensure_fstab "$name"
+            return
+        fi
+    done
+
+    local disk target fstype parts
+    if [[ -n $DEVICE ]]; then
+        disk=${DEVICE##*/}
+        [[ -n ${TYPE[$disk]:-} ]] || die "--device $DEVICE: lsblk does not list it. Devices: ${NAMES[*]}."
+    else
+        disk=$(pick_disk)
+    fi
+    [[ -z ${BUSY[$disk]:-} ]] || die "$DEV_DIR/$disk (or a partition on it) is already mounted elsewhere; \
+refusing to touch it. Pick another disk with --device."
+    target=$disk
+    mapfile -t parts < <(children_of "$disk")
+    if ((${#parts[@]} == 1)) && [[ -n ${FSTYPE[${parts[0]}]} ]]; then
+        target=${parts[0]}
+    elif ((${#parts[@]} > 0)); then
+        die "$DEV_DIR/$disk has ${#parts[@]} partitions; pass the one to mount with --device /dev/PARTITION."
+    fi
+
+    fstype=$(probe_value "$target" TYPE)
+    if [[ -z $fstype ]]; then
+        if ! is_empty_disk "$target"; then
+            die "$DEV_DIR/$target holds data but no filesystem that blkid recognizes. Refusing to format or \
+mount it. Inspect it with 'sudo file -s $DEV_DIR/$target' and pass --device for another disk."
+        fi
+        ((FORMAT_EMPTY)) || die "$DEV_DIR/$target is empty (no filesystem). To format it as ext4, rerun \
+with --format-empty-disk (this creates a new filesystem on $DEV_DIR/$target)."
+        # -m 0: a data-only volume needs no blocks reserved for root (5% of 500 GB is 25 GB).
+        run $SUDO mkfs.ext4 -m 0 -L imagenet "$DEV_DIR/$target"
+    elif ((FORMAT_EMPTY)); then
+        say "$DEV_DIR/$target already has a $fstype filesystem: not formatting it"
+    fi
+
+    run $SUDO mkdir -p "$MOUNT_POINT"
+    run $SUDO mount "$DEV_DIR/$target" "$MOUNT_POINT"
+    ensure_fstab "$target"
+    if ((!DRY_RUN)) && [[ ! -w $MOUNT_POINT ]]; then
+        run $SUDO chown "$(id -u):$(id -g)" "$MOUNT_POINT"
+    fi
+}
+
+# ------------------------------------------------------------------------------------------ code
+in_checkout() { git -C "$1" rev-parse --show-toplevel 2>/dev/null; }
+
+backup_changes() {
+    local dir=$1 backups=$MOUNT_POINT/backups stamp tmp
+    stamp=$(date +%Y%m%d-%H%M%S)
+    ((DEMO)) && backups=$dir/../backups
+    if ((DRY_RUN)); then
+        say "[dry-run] would save git diff and untracked files (without runs/ data/ *.pth) to \
+$backups/local-changes-$stamp.tar.gz"
+        return
+    fi
+    tmp=$(mktemp -d)
+    mkdir -p "$backups"
+    git -C "$dir" diff HEAD --binary >"$tmp/changes.patch"
+    git -C "$dir" ls-files -z --others --exclude-standard -- . ':!runs' ':!data' ':!*.pth' >"$tmp/untracked.list"
+    tar -C "$dir" --null -T "$tmp/untracked.list" -cf "$tmp/untracked.tar"
+    tar -C "$tmp" -czf "$backups/local-changes-$stamp.tar.gz" changes.patch untracked.tar
+    rm -rf "$tmp"
+    say "saved local changes to $backups/local-changes-$stamp.tar.gz (changes.patch + untracked.tar)"
+}
+
+discard_changes() {
+    run git -C "$1" reset --hard HEAD
+    # -e keeps checkpoints and data even where .gitignore does not cover them.
+    run git -C "$1" clean -fd -e runs/ -e data/ -e '*.pth'
+}
+
+update_checkout() {
+    local dir=$1 mode=$LOCAL_CHANGES
+    if [[ -n $(git -C "$dir" status --porcelain) ]]; then
+        if [[ -z $mode && -t 0 ]]; then
+            git -C "$dir" status --short
+            read -r -p "Local changes in $dir: keep / reset / backup / merge? [keep] " mode
+            mode=${mode:-keep}
+            case $mode in keep | reset | backup | merge) ;; *) die "unknown choice '$mode'." ;; esac
+        elif [[ -z $mode ]]; then
+            mode=keep
+            say "local changes in $dir and no --local-changes given: keeping them and not updating the code"
+        fi
+        case $mode in
+            keep) say "keeping local changes; the code is not updated"; return ;;
+            backup) backup_changes "$dir"; discard_changes "$dir" ;;
+            reset) discard_changes "$dir" ;;
+            merge) ;;
+        esac
+    fi
+    if ! git -C "$dir" rev-parse --abbrev-ref '@{upstream}' >/dev/null 2>&1; then
+        warn "$dir has no upstream branch; not updating it."
+        return
+    fi
+    local pull=(git -C "$dir" pull --ff-only)
+    [[ $mode == merge ]] && pull=(git -C "$dir" pull --no-rebase --autostash)
+    if ! run "${pull[@]}"; then
+        [[ $mode == merge ]] && die "Updating $dir with your changes conflicted. Resolve it there \
+(git status; your changes may be in 'git stash list') and rerun."
+        warn "could not update $dir (offline or diverged?); continuing with the code as it is."
+    fi
+}
+
+get_code() {
+    local top
+    if top=$(in_checkout "$SCRIPT_DIR"); then
+        CODE_DIR=$top
+        say "updating the checkout this script is in: $CODE_DIR"
+        update_checkout "$CODE_DIR"
+        return
+    fi
+    CODE_DIR=${CODE_DIR:-$MOUNT_POINT/code}
+    if [[ -d $CODE_DIR/.git ]]; then
+        update_checkout "$CODE_DIR"
+    else
+        [[ $REPO_URL != *CHANGE-ME* ]] || die "This script is not inside a checkout, so it needs the \
+repository URL: set REPO_URL or pass --repo-url."
+        run git clone "$REPO_URL" "$CODE_DIR"
+    fi
+}
+
+# ------------------------------------------------------------------------------------------ python
+setup_venv() {
+    if [[ ! -x $VENV/bin/python ]]; then
+        if ! python3 -c 'import ensurepip' 2>/dev/null; then
+            run $SUDO apt-get update
+            run $SUDO apt-get install -y python3-venv
+        fi
+        run python3 -m venv "$VENV"
+    fi
+    # Skipping an unchanged requirements.txt keeps reruns fast.
+    local stamp=$VENV/.requirements.sha256 sum
+    sum=$(sha256sum "$CODE_DIR/requirements.txt" | cut -d' ' -f1)
+    if [[ -f $stamp && $(<"$stamp") == "$sum" ]]; then
+        say "requirements.txt unchanged since the last install"
+        return
+    fi
+    run "$VENV/bin/pip" install --upgrade pip
+    run "$VENV/bin/pip" install -r "$CODE_DIR/requirements.txt"
+    ((DRY_RUN)) || printf '%s\n' "$sum" >"$stamp"
+}
+
+# ------------------------------------------------------------------------------------------ train
+start_training() {
+    local cmd=("$VENV/bin/python" train.py --output-dir "$OUTPUT_DIR")
+    ((DEMO)) && cmd+=(--demo)
+    cmd+=("${PASSTHROUGH[@]}")
+    if ((!DEMO)) && [[ ! -d $DATASET_PATH/train ]]; then
+        warn "$DATASET_PATH/train does not exist: train.py will fail unless you pass --data-dir. Prepare \
+the data with prepare_imagenet.py (see ImageNet_Setup_Guide.md)."
+    fi
+    local log
+    log=$OUTPUT_DIR/logs/train-$(date +%Y%m%d-%H%M%S).log
+    run mkdir -p "$OUTPUT_DIR/logs"
+
+    if command -v tmux >/dev/null; then
+        if tmux has-session -t "=$SESSION" 2>/dev/null; then
+            say "tmux session '$SESSION' is already running; not starting another. Attach: tmux attach -t $SESSION"
+            return
+        fi
+        local inner
+        inner="cd $(printf '%q' "$CODE_DIR") && DATASET_PATH=$(printf '%q' "$DATASET_PATH") \
+$(printf '%q ' "${cmd[@]}")2>&1 | tee -a $(printf '%q' "$log")"
+        run tmux new-session -d -s "$SESSION" "bash -o pipefail -c $(printf '%q' "$inner")"
+        say "training runs in tmux session '$SESSION'. Attach: tmux attach -t $SESSION (detach: Ctrl-b d)"
+    else
+        local pidfile=$OUTPUT_DIR/train.pid
+        if [[ -f $pidfile ]] && kill -0 "$(<"$pidfile")" 2>/dev/null; then
+            say "training is already running (pid $(<"$pidfile")); not starting another. Log: $OUTPUT_DIR/logs/"
+            return
+        fi
+        if ((DRY_RUN)); then
+            printf '[dry-run] cd %s && DATASET_PATH=%s nohup %s >> %s 2>&1 &\n' "$CODE_DIR" "$DATASET_PATH" \
+                "${cmd[*]}" "$log"
+        else
+            printf '+ nohup %s >> %s 2>&1 &\n' "${cmd[*]}" "$log"
+            (
+                cd "$CODE_DIR"
+                DATASET_PATH=$DATASET_PATH nohup "${cmd[@]}" >>"$log" 2>&1 &
+                echo $! >"$pidfile"
+            )
+        fi
+        say "tmux not found: training runs under nohup (pid file $pidfile)."
+    fi
+    say "log: $log   (follow it: tail -f $log)"
+    say "to resume after a stop or reboot, run this script again with the same options"
+}
+
+main() {
+    parse_args "$@"
+    SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+    local origin
+    origin=$(git -C "$SCRIPT_DIR" remote get-url origin 2>/dev/null || true)
+    REPO_URL=${REPO_URL:-${origin:-https://github.com/CHANGE-ME/resnet50-imagenet.git}}
+    ((DRY_RUN)) && say "dry run: printing actions, changing nothing"
+
+    if ((DEMO)); then
+        say "demo mode: skipping disk and mount setup"
+    else
+        setup_disk
+    fi
+    get_code
+    if ((DEMO)); then
+        VENV=${VENV:-$CODE_DIR/venv}
+        OUTPUT_DIR=${OUTPUT_DIR:-$CODE_DIR/runs/demo}
+    else
+        VENV=${VENV:-$MOUNT_POINT/venv}
+        OUTPUT_DIR=${OUTPUT_DIR:-$MOUNT_POINT/runs/resnet50}
+    fi
+    DATASET_PATH=${DATASET_PATH:-$MOUNT_POINT/extracted}
+    setup_venv
+    start_training
+}
+
+# main runs from a single parsed function and exits on the same line: `git pull` may rewrite this file
+# while it runs, and bash reads scripts lazily.
+main "$@"; exit $?

