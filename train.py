@@ -159,6 +159,18 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """auto: bf16 where the GPU has it, else fp16 (with loss scaling); fp32 on the CPU."""
+    if device.type == "cpu":
+        if requested == "fp16":
+            raise UsageError("--precision fp16 needs a GPU; use bf16 or fp32 on the CPU.")
+        return "fp32" if requested == "auto" else requested
+    return ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if requested == "auto" else requested
+
+
 def setup_distributed(device_type: str) -> Runtime:
     if "RANK" not in os.environ:
         return Runtime(device=torch.device("cuda:0" if device_type == "cuda" else "cpu"))
@@ -319,7 +331,8 @@ class Trainer:
     def __init__(self, cfg: Config, classes: list[str]):
         self.cfg, self.classes = cfg, classes
         device = RT.device
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[self.precision()]
+        self.precision = resolve_precision(cfg.precision, device)
+        self.amp_dtype = AMP_DTYPES[self.precision]
         torch.manual_seed(cfg.seed)
         self.model = ARCHITECTURES[cfg.arch](num_classes=len(classes)).to(device)
         if device.type == "cuda":
@@ -362,14 +375,6 @@ class Trainer:
         self.epoch, self.samples_done = 0, 0
         self.carried = torch.zeros(5, dtype=torch.float64)  # epoch sums from before a mid-epoch resume
         self.carried_seconds = 0.0
-
-    def precision(self) -> str:
-        p = self.cfg.precision
-        if RT.device.type == "cpu":
-            if p == "fp16":
-                raise UsageError("--precision fp16 needs a GPU; use bf16 or fp32 on the CPU.")
-            return "fp32" if p == "auto" else p
-        return ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if p == "auto" else p
 
     @property
     def total_steps(self) -> int:
@@ -429,8 +434,8 @@ class Trainer:
             f"{self.samples_done:,}/{len(self.train_set):,} images of it done.")
         changed = {k: (saved.get(k), v) for k, v in asdict(self.cfg).items()
                    if k not in ("no_resume", "demo") and saved.get(k) != v}
-        if saved.get("world_size", RT.world_size) != RT.world_size:
-            changed["processes"] = (saved["world_size"], RT.world_size)
+        if state["world_size"] != RT.world_size:
+            changed["processes"] = (state["world_size"], RT.world_size)
         for key, (old, new) in changed.items():
             log(f"  {key}: {old} -> {new}; the new value applies from here on.")
         if changed.keys() & {"epochs", "lr", "pct_start", "div_factor", "final_div_factor", "batch_size", "processes"}:
@@ -529,7 +534,7 @@ class Trainer:
     def fit(self) -> int:
         cfg = self.cfg
         out = Path(cfg.output_dir)
-        log(f"Training {cfg.arch} on {RT.world_size} x {RT.device.type} ({self.precision()}), "
+        log(f"Training {cfg.arch} on {RT.world_size} x {RT.device.type} ({self.precision}), "
             f"{cfg.batch_size} images per process per step, {self.sampler.steps_per_epoch()} steps per epoch, "
             f"peak LR {cfg.lr}, {cfg.epochs} epochs. Outputs: {out}")
         while self.epoch < cfg.epochs:

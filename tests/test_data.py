@@ -7,8 +7,17 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_sample_image
 
-from data import (ImageFolderDataset, TrainBatchSampler, ValBatchSampler, center_crop_box, collate, decode_region,
-                  make_loader, random_resized_crop_box, sample_rng)
+from data import (
+    ImageFolderDataset,
+    TrainBatchSampler,
+    ValBatchSampler,
+    center_crop_box,
+    collate,
+    decode_region,
+    make_loader,
+    random_resized_crop_box,
+    sample_rng,
+)
 from dataset_paths import DatasetLayoutError, check_layout
 
 
@@ -93,7 +102,7 @@ def test_augmentation_depends_only_on_seed_epoch_and_index(digits_dir):
     for workers in (0, 2):
         sampler = TrainBatchSampler(len(ds), 16, 0, 1, seed=7)
         sampler.set_epoch(3, 64)
-        batches[workers] = [b[0] for _, b in zip(range(3), make_loader(ds, sampler, workers, False))]
+        batches[workers] = [b[0] for _, b in zip(range(3), make_loader(ds, sampler, workers, False), strict=False)]
     assert all(torch.equal(a, b) for a, b in zip(batches[0], batches[2], strict=True))
     assert sample_rng(7, 3, 11).random() == sample_rng(7, 3, 11).random()
 
