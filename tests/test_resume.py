@@ -1,0 +1,98 @@
+"""Exact resume: a run killed at random moments and rerun ends bit-identical to one never interrupted."""
+
+import csv
+import random
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from conftest import FAST, run_train, train_cmd
+
+from checkpoint import LATEST
+
+# Save at every sync point (every 3 steps) so kills land mid-epoch; the same flags for every run compared.
+ARGS = [*FAST, "--epochs", "2", "--checkpoint-minutes", "0.0001", "--log-every", "3"]
+
+
+def final_state(out):
+    return torch.load(out / LATEST, map_location="cpu", weights_only=True)
+
+
+def metrics(out):
+    with open(out / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(digits_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    result = run_train("--data-dir", digits_dir, "--output-dir", out, *ARGS)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def wait_for_new_checkpoint(out, proc, previous_mtime, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (out / LATEST).exists() and (out / LATEST).stat().st_mtime_ns != previous_mtime:
+            return (out / LATEST).stat().st_mtime_ns
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        time.sleep(0.02)
+    raise AssertionError("no checkpoint was written in time")
+
+
+def assert_same_run(out, reference):
+    ours, theirs = final_state(out), final_state(reference)
+    assert ours["model"].keys() == theirs["model"].keys()
+    for name, tensor in theirs["model"].items():
+        assert torch.equal(ours["model"][name], tensor), name
+    assert ours["optimizer"]["state"].keys() == theirs["optimizer"]["state"].keys()
+    for key, value in theirs["optimizer"]["state"].items():
+        assert torch.equal(ours["optimizer"]["state"][key]["momentum_buffer"], value["momentum_buffer"])
+    rows, expected = metrics(out), metrics(reference)
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    for row, exp in zip(rows, expected, strict=True):
+        for column in ("val_loss", "val_acc1", "val_acc5", "train_acc1", "train_acc5", "train_images"):
+            assert row[column] == exp[column], column
+        assert float(row["train_loss"]) == pytest.approx(float(exp["train_loss"]), rel=1e-12)
+
+
+def test_sigkill_at_random_moments_then_rerun_is_bit_identical(digits_dir, tmp_path, uninterrupted):
+    out = tmp_path / "killed"
+    rng = random.Random(1)
+    positions, mtime = [], None
+    for _ in range(4):
+        proc = subprocess.Popen(train_cmd("--data-dir", digits_dir, "--output-dir", out, *ARGS),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        mtime = wait_for_new_checkpoint(out, proc, mtime)
+        time.sleep(rng.uniform(0, 0.4))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        state = final_state(out)
+        positions.append((state["epoch"], state["samples_done"]))
+    assert any(done > 0 for _, done in positions), f"no kill landed mid-epoch: {positions}"
+    result = run_train("--data-dir", digits_dir, "--output-dir", out, *ARGS)
+    assert result.returncode == 0, result.stderr
+    assert "Resuming" in result.stdout
+    assert_same_run(out, uninterrupted)
+
+
+def test_sigterm_saves_and_exits_0_quickly_then_the_rerun_continues(digits_dir, tmp_path, uninterrupted):
+    out = tmp_path / "terminated"
+    proc = subprocess.Popen(train_cmd("--data-dir", digits_dir, "--output-dir", out, *ARGS),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_new_checkpoint(out, proc, None)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    assert time.monotonic() - sent < 10
+    assert "Stopped by SIGTERM" in stdout and "Rerun the same command" in stdout
+    state = final_state(out)
+    assert state["epoch"] < 2
+    result = run_train("--data-dir", digits_dir, "--output-dir", out, *ARGS)
+    assert result.returncode == 0, result.stderr
+    assert f"epoch {state['epoch'] + 1}, {state['samples_done']:,}/1,437 images of it done" in result.stdout
+    assert_same_run(out, uninterrupted)
