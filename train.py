@@ -409,7 +409,12 @@ class Trainer:
 
     def save(self, epoch_sums: torch.Tensor, seconds: float) -> None:
         if RT.master:
-            save_checkpoint(self.state(epoch_sums, seconds), Path(self.cfg.output_dir))
+            try:
+                save_checkpoint(self.state(epoch_sums, seconds), Path(self.cfg.output_dir))
+            except OSError as err:
+                raise UsageError(f"Could not save a checkpoint in {self.cfg.output_dir}: {err}. The previous "
+                                 f"checkpoints there are intact; free some space or fix the folder's permissions, "
+                                 f"then rerun the same command to continue from them.") from err
 
     def resume(self, state: dict) -> None:
         saved = state["config"]
