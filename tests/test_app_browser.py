@@ -1,0 +1,140 @@
+"""app.py: the page in a real headless Chromium (driven by Playwright), plus the no-checkpoint case.
+
+The browser test needs Debian's chromium package (/usr/bin/chromium); CI installs it. Playwright's own
+browser download is never used.
+"""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from inference_fixtures import ROOT, a_val_image, demo_checkpoint  # noqa: F401  (a fixture)
+
+import app
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SCREENSHOT = "demo_app.png"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_app(checkpoint: Path, tmp_path: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_TEMP_DIR": str(tmp_path / "gradio"),
+           "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / f"app-{port}.log", "w")  # noqa: SIM115  (closed with the process, below)
+    proc = subprocess.Popen([sys.executable, "app.py", "--checkpoint", str(checkpoint), "--port", str(port)],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc.log = log
+    return proc, f"http://127.0.0.1:{port}/"
+
+
+def wait_until_serving(proc: subprocess.Popen, url: str, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"app.py exited with {proc.returncode}: {Path(proc.log.name).read_text()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"app.py did not serve {url} within {timeout} s: {Path(proc.log.name).read_text()}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    proc.log.close()
+
+
+def test_no_checkpoint_means_no_predictions(tmp_path):
+    clf, status = app.load_for_page(str(tmp_path / "missing.pth"))
+    assert clf is None and "No model is loaded" in status
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"\x00" * 100)
+    clf, status = app.load_for_page(str(broken))
+    assert clf is None and "not a readable" in status
+    scores, message, crop = app.predict(None, status, str(a_val_image()))
+    assert scores is None and crop is None and message == status
+
+
+def test_bad_uploads_are_answered(demo_checkpoint, tmp_path):  # noqa: F811
+    clf, _ = app.load_for_page(str(demo_checkpoint))
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "doc.pdf").write_bytes(b"%PDF-1.4 not an image")
+    for path in (tmp_path / "empty.jpg", tmp_path / "doc.pdf"):
+        scores, message, crop = app.predict(clf, "", str(path))
+        assert scores is None and crop is None and "Cannot classify" in message
+    scores, message, _ = app.predict(clf, "", None)
+    assert scores is None and "Upload an image" in message
+    scores, _, crop = app.predict(clf, "", str(a_val_image()))
+    assert len(scores) == 5 and crop.size[0] >= app.PREVIEW_SIZE
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
+                                                  "(apt-get install -y chromium); CI installs it")
+def test_page_in_a_real_browser(demo_checkpoint, tmp_path):  # noqa: F811
+    from playwright.sync_api import expect, sync_playwright
+
+    served, url = start_app(demo_checkpoint, tmp_path)
+    no_model, no_model_url = start_app(tmp_path / "missing.pth", tmp_path)
+    not_image = tmp_path / "notes.jpg"
+    not_image.write_text("this is text, not a picture")
+    try:
+        wait_until_serving(served, url)
+        wait_until_serving(no_model, no_model_url)
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1200, "height": 640})
+            page.goto(url)
+            rows = page.locator("#predictions .confidence-set")
+            upload = page.locator("#upload input[type=file]")
+            clear = page.locator("#upload button[aria-label='Clear']")
+
+            upload.set_input_files(str(a_val_image(3)))
+            expect(rows).to_have_count(5, timeout=30_000)
+            for i in range(5):  # each row: a class label and a percentage
+                expect(rows.nth(i).locator("dt")).to_have_text(re.compile(r"^digit_\d$"))
+                expect(rows.nth(i).locator("dd")).to_have_text(re.compile(r"^\d+%$"))
+            expect(page.locator("#message")).to_contain_text("Top 5 of 10 classes")
+            page.screenshot(path=str(tmp_path / SCREENSHOT), full_page=True)
+
+            clear.click()
+            upload.set_input_files(str(not_image))
+            expect(page.locator("#message")).to_contain_text("Cannot classify this upload", timeout=30_000)
+            expect(page.locator("#message")).to_contain_text("notes.jpg is not a usable image")
+            expect(rows).to_have_count(0)
+
+            clear.click()  # the server kept serving: a good image after the bad one works
+            upload.set_input_files(str(a_val_image(7)))
+            expect(rows).to_have_count(5, timeout=30_000)
+
+            page.goto(no_model_url)
+            expect(page.locator("#model-status")).to_contain_text("No model is loaded", timeout=30_000)
+            upload.set_input_files(str(a_val_image(3)))
+            expect(page.locator("#message")).to_contain_text("No model is loaded", timeout=30_000)
+            expect(rows).to_have_count(0)
+            browser.close()
+        assert served.poll() is None and no_model.poll() is None
+    finally:
+        stop(served)
+        stop(no_model)
+    print(f"screenshot: {tmp_path / SCREENSHOT}")
