@@ -31,4 +31,7 @@ def demo_checkpoint(tmp_path_factory) -> Path:
 
 
 def a_val_image(label: int = 3) -> Path:
+    from data import make_demo_dataset  # a no-op once the digits exist; tests may run in any order
+
+    make_demo_dataset(DIGITS)
     return sorted((DIGITS / "val" / f"digit_{label}").glob("*.jpg"))[0]
