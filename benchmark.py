@@ -130,17 +130,16 @@ def compute(args) -> dict:
 # ------------------------------------------------------------------------------------------------- loader
 
 def time_loader(loader, seconds: float, warmup_batches: int = 3) -> float:
-    it = iter(loader)
+    def endless():  # small folders end an epoch within the measurement; start the next one at once
+        while True:
+            yield from loader
+
+    batches = endless()
     for _ in range(warmup_batches):  # worker start-up is not throughput
-        next(it)
+        next(batches)
     images, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        try:
-            batch = next(it)
-        except StopIteration:
-            it = iter(loader)
-            continue
-        images += len(batch[0])
+        images += len(next(batches)[0])
     return images / (time.perf_counter() - start)
 
 
