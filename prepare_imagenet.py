@@ -10,6 +10,7 @@ RGB/grayscale JPEGs, checks the counts and writes OUT/prepare_report.json. See -
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -39,7 +40,10 @@ Layout of the inputs (as distributed by image-net.org and Academic Torrents):
   ILSVRC2012_img_train.tar     1000 tars <wnid>.tar, each holding <wnid>_<n>.JPEG
   ILSVRC2012_img_val.tar       50,000 flat files ILSVRC2012_val_00000001.JPEG ...
   ILSVRC2012_devkit_t12.tar.gz data/meta.mat and data/ILSVRC2012_validation_ground_truth.txt
-Instead of the devkit, --val-labels-csv accepts Kaggle's LOC_val_solution.csv.
+Instead of the devkit, --val-labels-csv accepts Kaggle's LOC_val_solution.csv. Kaggle ships the images
+already unpacked: pass its ILSVRC/Data/CLS-LOC/train and .../val folders as --train-tar and --val-tar.
+Their files are hard-linked into OUT (no extra space on the same volume; copied across volumes), and
+only the ones that need fixing are rewritten; the Kaggle folders are left unchanged.
 
 Resuming: each train class is unpacked into OUT/{STATE_DIR}/partial/ and moved into place only when
 complete; a marker in OUT/{STATE_DIR}/done/ is written after the move. Rerun the same command after an
@@ -150,9 +154,35 @@ def write_image(data: bytes, dest: Path) -> str | None:
     return kind if needs_fix else None
 
 
+def place_file(src: Path, dest: Path) -> str | None:
+    """An image from an unpacked folder (Kaggle's layout): hard-linked when decoders read it as it is (no
+    extra disk space on the same volume, a copy across volumes), rewritten when it needs fixing. The source
+    file is never modified. Returns what write_image returns."""
+    try:
+        with Image.open(src) as im:
+            needs_fix = im.format != "JPEG" or im.mode not in ("RGB", "L")
+    except OSError as e:
+        raise PrepareError(f"{src} is not a readable image ({e}).") from e
+    if needs_fix:
+        return write_image(src.read_bytes(), dest)
+    try:
+        os.link(src, dest)
+    except OSError:  # another filesystem, or one without hard links
+        shutil.copyfile(src, dest)
+    return None
+
+
 # ------------------------------------------------------------------------------------------------- train
 def list_train_classes(train_tar: Path) -> list[tuple[str, int, int]]:
-    """(wnid, data offset, size) of every inner class tar; workers read them by offset."""
+    """(wnid, data offset, size) of every inner class tar; workers read them by offset. For an unpacked
+    folder (Kaggle's ILSVRC/Data/CLS-LOC/train): (wnid, 0, bytes in the class folder)."""
+    if train_tar.is_dir():
+        classes = sorted((d.name, 0, sum(f.stat().st_size for f in os.scandir(d) if f.is_file()))
+                         for d in os.scandir(train_tar) if d.is_dir() and WNID_RE.match(d.name))
+        if not classes:
+            raise PrepareError(f"--train-tar {train_tar} is a folder without <wnid>/ class folders (n01440764 "
+                               "...); give ILSVRC2012_img_train.tar or Kaggle's ILSVRC/Data/CLS-LOC/train.")
+        return classes
     try:
         with tarfile.open(train_tar) as tar:
             members = tar.getmembers()
@@ -181,6 +211,26 @@ def extract_train_class(train_tar: str, wnid: str, offset: int, size: int, out: 
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     fixed, count = [], 0
+    if Path(train_tar).is_dir():
+        for src in sorted(Path(train_tar, wnid).iterdir()):
+            if src.is_file():
+                kind = place_file(src, partial / src.name)
+                count += 1
+                if kind:
+                    fixed.append({"file": f"train/{wnid}/{src.name}", "was": kind})
+    else:
+        fixed, count = unpack_class_tar(train_tar, wnid, offset, size, partial)
+    # A folder without a done marker may be left from a crash after the move: it is redone.
+    shutil.rmtree(final, ignore_errors=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(partial, final)
+    result = {"count": count, "fixed": fixed}
+    write_marker(out_dir, "train", wnid, result)
+    return result
+
+
+def unpack_class_tar(train_tar: str, wnid: str, offset: int, size: int, partial: Path) -> tuple[list[dict], int]:
+    fixed, count = [], 0
     with open(train_tar, "rb") as raw:
         info = tarfile.TarInfo(f"{wnid}.tar")
         info.offset_data, info.size = offset, size
@@ -199,13 +249,7 @@ def extract_train_class(train_tar: str, wnid: str, offset: int, size: int, out: 
                     count += 1
                     if kind:
                         fixed.append({"file": f"train/{wnid}/{name}", "was": kind})
-    # A folder without a done marker may be left from a crash after the move: it is redone.
-    shutil.rmtree(final, ignore_errors=True)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(partial, final)
-    result = {"count": count, "fixed": fixed}
-    write_marker(out_dir, "train", wnid, result)
-    return result
+    return fixed, count
 
 
 # --------------------------------------------------------------------------------------------------- val
@@ -213,11 +257,14 @@ def extract_val(val_tar: Path, out: Path, label_of) -> dict:
     """Unpack the flat val tar into val/<wnid>/. Files are written under a temporary name and renamed,
     so after an interruption the ones already present are complete and are skipped."""
     partial = out / STATE_DIR / "partial" / "val"
-    try:
-        tar = tarfile.open(val_tar)
-        members = [m for m in tar.getmembers() if m.isfile()]
-    except (tarfile.ReadError, OSError) as e:
-        raise PrepareError(f"--val-tar {val_tar} is not a readable tar archive ({e}).") from e
+    if val_tar.is_dir():  # Kaggle's ILSVRC/Data/CLS-LOC/val: the same flat files, already unpacked
+        tar, members = contextlib.nullcontext(), sorted(p for p in val_tar.iterdir() if p.is_file())
+    else:
+        try:
+            tar = tarfile.open(val_tar)
+            members = [m for m in tar.getmembers() if m.isfile()]
+        except (tarfile.ReadError, OSError) as e:
+            raise PrepareError(f"--val-tar {val_tar} is not a readable tar archive ({e}).") from e
     with tar:
         images = [(m, VAL_NAME_RE.match(Path(m.name).name)) for m in members]
         images = [(m, match) for m, match in images if match]
@@ -236,7 +283,7 @@ def extract_val(val_tar: Path, out: Path, label_of) -> dict:
                 continue
             dest.parent.mkdir(parents=True, exist_ok=True)
             tmp = dest.with_name(dest.name + ".tmp")
-            kind = write_image(tar.extractfile(m).read(), tmp)
+            kind = place_file(m, tmp) if val_tar.is_dir() else write_image(tar.extractfile(m).read(), tmp)
             if kind:
                 with open(fixed_log, "a") as f:
                     f.write(json.dumps({"file": f"val/{wnid}/{dest.name}", "was": kind}) + "\n")
@@ -358,8 +405,8 @@ def resize_copy(out: Path, dst: Path, size: int, splits: list[str], workers: int
 
 
 # -------------------------------------------------------------------------------------------------- main
-def check_file(path: Path | None, flag: str) -> None:
-    if path is not None and not path.is_file():
+def check_file(path: Path | None, flag: str, folder_ok: bool = False) -> None:
+    if path is not None and not (path.is_file() or folder_ok and path.is_dir()):
         raise PrepareError(f"{flag} {path}: no such file. Check the path (download it first, see "
                            "ImageNet_Setup_Guide.md).")
 
@@ -375,7 +422,8 @@ def prepare_train(args, out: Path) -> list[dict]:
     classes = list_train_classes(args.train_tar)
     todo = [c for c in classes if not (read_marker(out, "train", c[0]) and (out / "train" / c[0]).is_dir())]
     print(f"train: {len(classes)} class archives, {len(classes) - len(todo)} already done")
-    check_space(out, sum(size for _, _, size in todo))
+    same_volume = args.train_tar.is_dir() and args.train_tar.stat().st_dev == out.stat().st_dev
+    check_space(out, 0 if same_volume else sum(size for _, _, size in todo))  # hard links take no space
     if todo:
         with ProcessPoolExecutor(args.workers) as pool:
             futures = [pool.submit(extract_train_class, str(args.train_tar), w, off, size, str(out))
@@ -404,15 +452,18 @@ def prepare_val(args, out: Path) -> list[dict]:
             if not 1 <= number <= len(val_wnids):
                 raise PrepareError(f"The devkit ground truth has no line for {image_id}.")
             return val_wnids[number - 1]
-    check_space(out, args.val_tar.stat().st_size)
+    if args.val_tar.is_file():
+        check_space(out, args.val_tar.stat().st_size)
     return extract_val(args.val_tar, out, label_of)["fixed"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=HELP_EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--train-tar", type=Path, help="ILSVRC2012_img_train.tar (omit to skip train)")
-    p.add_argument("--val-tar", type=Path, help="ILSVRC2012_img_val.tar (omit to skip val)")
+    p.add_argument("--train-tar", type=Path, help="ILSVRC2012_img_train.tar, or an unpacked folder of <wnid>/ folders "
+                                                  "such as Kaggle's ILSVRC/Data/CLS-LOC/train (omit to skip train)")
+    p.add_argument("--val-tar", type=Path, help="ILSVRC2012_img_val.tar, or an unpacked folder of its flat files "
+                                                "such as Kaggle's ILSVRC/Data/CLS-LOC/val (omit to skip val)")
     labels = p.add_mutually_exclusive_group()
     labels.add_argument("--devkit", type=Path, help="ILSVRC2012_devkit_t12.tar.gz: val labels (needs scipy)")
     labels.add_argument("--val-labels-csv", type=Path, help="Kaggle LOC_val_solution.csv, not --devkit")
@@ -435,8 +486,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.time()
-    check_file(args.train_tar, "--train-tar")
-    check_file(args.val_tar, "--val-tar")
+    check_file(args.train_tar, "--train-tar", folder_ok=True)
+    check_file(args.val_tar, "--val-tar", folder_ok=True)
     check_file(args.devkit, "--devkit")
     check_file(args.val_labels_csv, "--val-labels-csv")
     out = args.out.resolve()

@@ -291,3 +291,30 @@ def test_bad_input_gives_one_clear_error(archives, tmp_path, case, expected):
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1, proc.stderr
+
+
+def test_kaggle_unpacked_folders_give_the_same_result_without_copying(archives, tmp_path):
+    """Kaggle ships ILSVRC/Data/CLS-LOC/{train/<wnid>/,val/} already unpacked; they are accepted as they are."""
+    kaggle = tmp_path / "ILSVRC" / "Data" / "CLS-LOC"
+    with tarfile.open(archives["train"]) as outer:
+        for member in outer.getmembers():
+            with tarfile.open(fileobj=outer.extractfile(member)) as inner:
+                inner.extractall(kaggle / "train" / member.name.removesuffix(".tar"), filter="data")
+    with tarfile.open(archives["val"]) as tar:
+        tar.extractall(kaggle / "val", filter="data")
+    source_bytes = {p: p.read_bytes() for p in kaggle.rglob("*.JPEG")}
+
+    out = tmp_path / "out"
+    run("--train-tar", kaggle / "train", "--val-tar", kaggle / "val", "--val-labels-csv", archives["csv"],
+        "--out", out, "--workers", 2, "--allow-count-mismatch")
+    reference = tmp_path / "from_tars"
+    prepare(archives, reference, labels="csv")
+    assert tree(out / "train") == tree(reference / "train") and tree(out / "val") == expected_val()
+    report = json.loads((out / "prepare_report.json").read_text())
+    assert {f["file"] for f in report["fixed"]} == {f"train/n02105855/{PNG_NAME}", f"train/n01440764/{CMYK_TRAIN}",
+                                                    f"val/{ID_TO_WNID[VAL_IDS[4]]}/{CMYK_VAL}"}
+    with Image.open(out / "train" / "n02105855" / PNG_NAME) as im:
+        assert (im.format, im.mode) == ("JPEG", "RGB")
+    good = out / "train" / "n01440764" / "n01440764_1.JPEG"
+    assert good.stat().st_ino == (kaggle / "train" / "n01440764" / "n01440764_1.JPEG").stat().st_ino  # a hard link
+    assert all(p.read_bytes() == data for p, data in source_bytes.items())  # the Kaggle copy is untouched
