@@ -7,6 +7,7 @@ tensors and plain Python values so that `torch.load(path, weights_only=True)` op
 """
 
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -14,6 +15,9 @@ import torch
 LATEST = "checkpoint.pth"
 PREVIOUS = "checkpoint_prev.pth"
 REQUIRED_KEYS = ("model", "optimizer", "epoch", "samples_done", "config", "class_names")
+# Test hook, unset in normal use: tests/test_faults.py holds every save this many seconds between the
+# complete temporary file and the renames, so that a kill lands inside a save on purpose, not by luck.
+TEST_SLOW_WRITE_SECONDS = "CHECKPOINT_TEST_SLOW_WRITE_SECONDS"
 
 
 class CheckpointError(Exception):
@@ -41,6 +45,7 @@ def save_checkpoint(state: dict, output_dir: Path) -> Path:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        time.sleep(float(os.environ.get(TEST_SLOW_WRITE_SECONDS, "0")))
         if latest.exists():
             os.replace(latest, output_dir / PREVIOUS)
         os.replace(tmp, latest)

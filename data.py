@@ -33,6 +33,11 @@ BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombErr
 MAX_CONSECUTIVE_BAD = 16
 
 
+class DataVanishedError(Exception):
+    """A class folder listed at the start is gone: the data was moved, deleted or its volume unmounted.
+    Skipping would count every image as unreadable, so this stops the run instead."""
+
+
 def list_samples(split_dir: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Paths and labels of every image under split_dir/<class>/, in a fixed (sorted) order.
 
@@ -138,6 +143,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             try:
                 return torch.from_numpy(self.load(epoch, i)), int(self.labels[i]), skipped
             except BAD_IMAGE_ERRORS as err:
+                folder = os.path.dirname(os.fsdecode(self.paths[i]))
+                if isinstance(err, FileNotFoundError) and not os.path.isdir(folder):
+                    raise DataVanishedError(f"{folder} no longer exists") from err
                 skipped.append(f"{os.fsdecode(self.paths[i])} ({type(err).__name__}: {err})")
         if not self.train:
             return torch.zeros(self.image_size, self.image_size, 3, dtype=torch.uint8), -1, skipped

@@ -11,6 +11,7 @@ checkpoint left off, mid-epoch included, with no batch repeated or skipped (see 
 
 import argparse
 import csv
+import gc
 import math
 import os
 import signal
@@ -32,7 +33,15 @@ from checkpoint import (
     remove_stale_temporaries,
     save_checkpoint,
 )
-from data import ImageFolderDataset, Normalizer, TrainBatchSampler, ValBatchSampler, make_demo_dataset, make_loader
+from data import (
+    DataVanishedError,
+    ImageFolderDataset,
+    Normalizer,
+    TrainBatchSampler,
+    ValBatchSampler,
+    make_demo_dataset,
+    make_loader,
+)
 from dataset_paths import (
     DEFAULT_DATA_DIR,
     DEFAULT_OUTPUT_DIR,
@@ -176,12 +185,17 @@ def setup_distributed(device_type: str) -> Runtime:
         return Runtime(device=torch.device("cuda:0" if device_type == "cuda" else "cpu"))
     rt = Runtime(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]),
                  int(os.environ["LOCAL_WORLD_SIZE"]))
+    # torchrun --max-restarts keeps one store for every attempt, and the process group's keys in it carry no
+    # attempt number: restarted ranks would read the dead ones' addresses and fail to connect. Name the keys
+    # by attempt.
+    store, _, _ = next(dist.rendezvous("env://"))
+    store = dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
     if device_type == "cuda":
         rt.device = torch.device("cuda", rt.local_rank)
         torch.cuda.set_device(rt.device)
-        dist.init_process_group("nccl", device_id=rt.device)
+        dist.init_process_group("nccl", store=store, rank=rt.rank, world_size=rt.world_size, device_id=rt.device)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", store=store, rank=rt.rank, world_size=rt.world_size)
     return rt
 
 
@@ -412,6 +426,10 @@ class Trainer:
             try:
                 save_checkpoint(self.state(epoch_sums, seconds), Path(self.cfg.output_dir))
             except OSError as err:
+                if not Path(self.cfg.output_dir).is_dir():
+                    raise UsageError(f"The output folder {self.cfg.output_dir} disappeared during training (moved, "
+                                     f"deleted or unmounted), so nothing more was written. Put it back and rerun "
+                                     f"the same command to continue from its last checkpoint.") from err
                 raise UsageError(f"Could not save a checkpoint in {self.cfg.output_dir}: {err}. The previous "
                                  f"checkpoints there are intact; free some space or fix the folder's permissions, "
                                  f"then rerun the same command to continue from them.") from err
@@ -626,10 +644,21 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except DataVanishedError:
+        if os.environ.get("RANK", "0") == "0":
+            # Not str(err): re-raised from a loader worker, it holds that worker's whole traceback.
+            print(f"error: the training data in {cfg.data_dir} disappeared during training (a class folder is "
+                  f"gone: moved, deleted or unmounted). The checkpoints in {cfg.output_dir} are intact: restore "
+                  f"or remount the data and rerun the same command to continue from them.", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except NonFiniteLoss as err:
         log(f"error: {err}")
         return EXIT_NON_FINITE
     finally:
+        # An error re-raised from a loader worker sits in a reference cycle with the loader's iterator, which
+        # only the cyclic GC frees. Free it now so the iterator shuts its workers down: left to the exit
+        # handlers, a worker gets a plain SIGTERM and waits out its WORKER_GRACE_SECONDS reprieve.
+        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
 

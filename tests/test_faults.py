@@ -1,0 +1,265 @@
+"""Faults inflicted on real (small, CPU) training runs: a kill inside a checkpoint write, a full disk, bad
+images, a dying DDP rank, and data or output folders that vanish or turn read-only mid-run."""
+
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import ExitStack, contextmanager
+
+import pytest
+import torch
+from conftest import FAST, REPO, run_train, train_cmd
+from PIL import Image
+from sklearn.datasets import load_sample_image
+from test_resume import ARGS, assert_same_run, metrics, uninterrupted, wait_for_new_checkpoint  # noqa: F401
+
+from checkpoint import LATEST, TEST_SLOW_WRITE_SECONDS, load_latest_checkpoint
+from data import MAX_CONSECUTIVE_BAD, TrainBatchSampler
+
+# Continuing runs save at every sync point (every 3 steps), so a fault soon meets a save or a fresh batch.
+CONTINUE = [*FAST, "--epochs", "2", "--checkpoint-minutes", "0.0001", "--log-every", "3"]
+
+
+def popen_train(*args, env=None, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(train_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, **kwargs)
+
+
+def temporaries(out):
+    return sorted(out.glob(f"{LATEST}.tmp-*"))
+
+
+@pytest.fixture(scope="module")
+def one_epoch(digits_dir, tmp_path_factory):
+    """A finished first epoch of a 2-epoch run, copied by each test that continues it."""
+    out = tmp_path_factory.mktemp("one_epoch")
+    result = run_train("--data-dir", digits_dir, "--output-dir", out, *FAST, "--epochs", 1)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def continued(one_epoch, folder):
+    shutil.copytree(one_epoch, folder)
+    return folder, (folder / LATEST).read_bytes()
+
+
+@contextmanager
+def mounted(*mount_args, target):
+    """A mount for the duration, or a skip where this machine does not allow mounting (not root)."""
+    done = subprocess.run(["mount", *map(str, mount_args), str(target)], capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount here: {done.stderr.strip()}")
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=True)
+
+
+# ---------------------------------------------------------------------------------------- kill inside a save
+
+@pytest.mark.slow
+def test_sigkill_inside_a_checkpoint_write_then_rerun_is_bit_identical(digits_dir, tmp_path, uninterrupted):  # noqa: F811
+    out = tmp_path / "killed"
+    # Saves only at epoch ends, each held 2 s by the test hook after the temporary file is complete: the
+    # second save (end of epoch 2) is killed before its renames, with epoch 1's row already in metrics.csv.
+    proc = popen_train("--data-dir", digits_dir, "--output-dir", out, *ARGS, "--checkpoint-minutes", 100,
+                       env={TEST_SLOW_WRITE_SECONDS: "2"})
+    for save in (1, 2):
+        while not temporaries(out):
+            assert proc.poll() is None, proc.communicate()[1]
+            time.sleep(0.01)
+        if save == 1:
+            while temporaries(out):
+                time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert len(temporaries(out)) == 1  # the kill landed inside the write, between the fsync and the renames
+    assert torch.load(out / LATEST, weights_only=True)["epoch"] == 1
+    assert [r["epoch"] for r in metrics(out)] == ["1"]
+
+    result = run_train("--data-dir", digits_dir, "--output-dir", out, *ARGS)
+    assert result.returncode == 0, result.stderr
+    assert "Resuming" in result.stdout and "unreadable" not in result.stdout
+    assert temporaries(out) == []
+    assert_same_run(out, uninterrupted)  # also: metrics.csv holds epochs 1 and 2 once each
+
+
+# ---------------------------------------------------------------------------------------- full disk
+
+def test_a_full_disk_stops_the_run_clearly_and_keeps_the_last_checkpoint(digits_dir, one_epoch, tmp_path):
+    out, before = continued(one_epoch, tmp_path / "source")
+    used = sum(p.stat().st_size for p in out.iterdir())
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    # Room for what is there and half a checkpoint more: the first save of epoch 2 cannot complete.
+    size = used + len(before) // 2
+    with mounted("-t", "tmpfs", "-o", f"size={size}", "tmpfs", target=disk):
+        for p in out.iterdir():
+            shutil.copy2(p, disk)
+        result = run_train("--data-dir", digits_dir, "--output-dir", disk, *CONTINUE)
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert "Traceback" not in result.stderr
+        assert f"Could not save a checkpoint in {disk}" in result.stderr
+        assert "No space left on device" in result.stderr and "intact" in result.stderr
+        assert (disk / LATEST).read_bytes() == before
+        assert temporaries(disk) == []
+        assert load_latest_checkpoint(disk)["epoch"] == 1
+        assert [r["epoch"] for r in metrics(disk)] == ["1"]
+
+
+# ---------------------------------------------------------------------------------------- bad images
+
+def add_odd_images(folder):
+    """The files real ImageNet holds besides good JPEGs: three decode, three are broken."""
+    photo = Image.fromarray(load_sample_image("flower.jpg")).resize((40, 30))
+    photo.save(folder / "odd_a_png.JPEG", format="PNG")
+    photo.convert("CMYK").save(folder / "odd_b_cmyk.JPEG")
+    photo.convert("L").save(folder / "odd_c_gray.JPEG")
+    buf = io.BytesIO()
+    photo.save(buf, format="JPEG")
+    (folder / "odd_d_truncated.JPEG").write_bytes(buf.getvalue()[:300])
+    (folder / "odd_e_empty.JPEG").write_bytes(b"")
+    (folder / "odd_f_text.JPEG").write_text("not an image")
+    return ["odd_d_truncated.JPEG", "odd_e_empty.JPEG", "odd_f_text.JPEG"]
+
+
+def expected_train_skips(num_images, broken, epoch):
+    """Unreadable files met in an epoch: each sampled broken file, plus the broken ones after it that its
+    replacement chain walks through (the next file in the list replaces an unreadable one)."""
+    sampler = TrainBatchSampler(num_images, 32, 0, 1, seed=0)
+    sampler.set_epoch(epoch)
+    count = 0
+    for batch in sampler:
+        for _, index in batch:
+            i = index
+            while i in broken and i - index < MAX_CONSECUTIVE_BAD:
+                count, i = count + 1, i + 1
+    return count
+
+
+def test_bad_images_are_skipped_counted_and_named_and_the_run_completes(digits_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(digits_dir, data)
+    names = add_odd_images(data / "train" / "digit_3")
+    add_odd_images(data / "val" / "digit_7")
+    out = tmp_path / "run"
+    result = run_train("--data-dir", data, "--output-dir", out, *FAST, "--epochs", 2)
+    assert result.returncode == 0, result.stderr
+    for name in names:
+        assert f"digit_3/{name}" in result.stdout and f"digit_7/{name}" in result.stdout
+
+    train_names = sorted(p.name for p in (data / "train" / "digit_3").iterdir())
+    first = sum(len(list((data / "train" / f"digit_{c}").iterdir())) for c in range(3))
+    broken = {first + train_names.index(n) for n in names}
+    rows = metrics(out)
+    assert [int(r["val_images"]) for r in rows] == [363, 363]  # 360 + 3 readable odd ones; broken left out
+    assert [int(r["train_images"]) for r in rows] == [1443 // 32 * 32] * 2
+    expected = [expected_train_skips(1443, broken, epoch) + 3 for epoch in (0, 1)]
+    assert [int(r["skipped_images"]) for r in rows] == expected
+    assert f"| {expected[0]} unreadable images skipped" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------- folders vanish
+
+def wait_for_exit(proc, timeout=60):
+    stdout, stderr = proc.communicate(timeout=timeout)
+    return proc.returncode, stdout, stderr
+
+
+@pytest.mark.slow
+def test_a_data_folder_that_vanishes_stops_the_run_and_the_rerun_resumes(digits_dir, one_epoch, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(digits_dir, data)
+    out, before = continued(one_epoch, tmp_path / "run")
+    proc = popen_train("--data-dir", data, "--output-dir", out, *CONTINUE)
+    wait_for_new_checkpoint(out, proc, (out / LATEST).stat().st_mtime_ns)
+    data.rename(tmp_path / "unmounted")
+    code, _, stderr = wait_for_exit(proc)
+    # Not "every image unreadable, skipped": the run stops and says why.
+    assert code == 2 and "Traceback" not in stderr, stderr[-3000:]
+    assert f"the training data in {data} disappeared" in stderr and "intact" in stderr
+    assert temporaries(out) == [] and load_latest_checkpoint(out)["epoch"] == 1
+
+    (tmp_path / "unmounted").rename(data)
+    result = run_train("--data-dir", data, "--output-dir", out, *CONTINUE)
+    assert result.returncode == 0, result.stderr
+    assert "Resuming" in result.stdout and "images of it done" in result.stdout
+    assert [r["epoch"] for r in metrics(out)] == ["1", "2"]
+
+
+@pytest.mark.parametrize("fault", ["moved", "read-only"])
+def test_an_output_folder_that_vanishes_or_turns_read_only_stops_cleanly(digits_dir, one_epoch, tmp_path, fault):
+    out, _ = continued(one_epoch, tmp_path / "run")
+    with ExitStack() as stack:
+        if fault == "read-only":  # as root chmod stops nothing; a read-only bind mount does
+            stack.enter_context(mounted("--bind", out, target=out))
+        proc = popen_train("--data-dir", digits_dir, "--output-dir", out, *CONTINUE)
+        wait_for_new_checkpoint(out, proc, (out / LATEST).stat().st_mtime_ns)
+        if fault == "moved":
+            out.rename(tmp_path / "moved")
+        else:
+            subprocess.run(["mount", "-o", "remount,bind,ro", str(out)], check=True)
+        code, _, stderr = wait_for_exit(proc)
+    assert code == 2 and "Traceback" not in stderr, stderr[-3000:]
+    if fault == "moved":
+        assert f"The output folder {out} disappeared" in stderr
+        assert not out.exists()  # not recreated: nothing is written beside an unmounted volume's mount point
+        out = tmp_path / "moved"
+    else:
+        assert f"Could not save a checkpoint in {out}" in stderr and "Read-only file system" in stderr
+    assert temporaries(out) == [] and load_latest_checkpoint(out)["epoch"] == 1
+
+
+# ---------------------------------------------------------------------------------------- a DDP rank dies
+
+def torchrun(*args, restarts=0):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           f"--max-restarts={restarts}", str(REPO / "train.py"), *map(str, args)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def worker_pid(launcher: subprocess.Popen, rank: int) -> int:
+    """The pid of torchrun's worker process with this rank, read from /proc (children and environments)."""
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:  # the process ended while we looked
+            continue
+        if parent == launcher.pid and f"RANK={rank}".encode() in env:
+            return int(entry.name)
+    raise AssertionError(f"no worker with rank {rank} under torchrun {launcher.pid}")
+
+
+@pytest.mark.slow
+def test_a_dead_ddp_rank_ends_the_job_promptly_and_max_restarts_resumes_it(digits_dir, tmp_path):
+    out = tmp_path / "ddp"
+    args = ["--data-dir", digits_dir, "--output-dir", out, *CONTINUE]
+    job = torchrun(*args)
+    wait_for_new_checkpoint(out, job, None)
+    os.kill(worker_pid(job, 1), signal.SIGKILL)
+    killed = time.monotonic()
+    output, _ = job.communicate(timeout=120)
+    assert job.returncode != 0
+    assert time.monotonic() - killed < 60  # no hang: torchrun stops the survivor
+    assert "Root Cause" in output and "Signal 9 (SIGKILL) received by PID" in output
+    assert load_latest_checkpoint(out)["epoch"] == 0 and temporaries(out) == []
+
+    # The same command with --max-restarts: the rank dies once more and torchrun restarts both, which resume.
+    job = torchrun(*args, restarts=1)
+    wait_for_new_checkpoint(out, job, (out / LATEST).stat().st_mtime_ns)
+    os.kill(worker_pid(job, 1), signal.SIGKILL)
+    output, _ = job.communicate(timeout=240)
+    assert job.returncode == 0, output[-3000:]
+    assert output.count("Resuming") == 2 and "Training finished" in output
+    assert load_latest_checkpoint(out)["epoch"] == 2
+    assert [r["epoch"] for r in metrics(out)] == ["1", "2"]
