@@ -25,7 +25,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from data import ImageFolderDataset, TrainBatchSampler, make_loader
+from data import ImageFolderDataset, TrainBatchSampler, make_loader, usable_cores
 from dataset_paths import check_layout
 from model import resnet50
 
@@ -214,7 +214,7 @@ def main() -> None:
     sub.choices["compute"].add_argument("--no-channels-last", dest="channels_last", action="store_false")
     for name in ("loader", "train"):
         sub.choices[name].add_argument("--data-dir", type=Path, required=True)
-        sub.choices[name].add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+        sub.choices[name].add_argument("--workers", type=int, default=max(1, usable_cores() - 1))
     sub.choices["loader"].add_argument("--seconds", type=float, default=20)
     sub.choices["train"].add_argument("--steps", type=int, default=100)
     args = parser.parse_args()

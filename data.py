@@ -38,6 +38,11 @@ class DataVanishedError(Exception):
     Skipping would count every image as unreadable, so this stops the run instead."""
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on: taskset and container CPU sets count, unlike os.cpu_count()."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def list_samples(split_dir: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Paths and labels of every image under split_dir/<class>/, in a fixed (sorted) order.
 

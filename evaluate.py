@@ -11,7 +11,6 @@ precision (the defaults) the top-1 equals the val_acc1 train.py logged for that 
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 import train
-from data import ImageFolderDataset, Normalizer, ValBatchSampler, make_loader
+from data import ImageFolderDataset, Normalizer, ValBatchSampler, make_loader, usable_cores
 from dataset_paths import class_folders, count_images
 from inference import EXIT_BAD_INPUT, Classifier, InferenceError, load_classifier
 
@@ -86,7 +85,7 @@ def evaluate_classifier(clf: Classifier, data_dir: Path, image_size: int, batch_
     dataset = ImageFolderDataset(data_dir / "val", clf.class_names, False, image_size, seed=0)
     device = rt.device if not clf.onnx else torch.device("cpu")
     if workers < 0:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+        cores = usable_cores()
         workers = max(1, cores // rt.local_world_size - 1)
     loader = make_loader(dataset, ValBatchSampler(len(dataset), batch_size, rt.rank, rt.world_size), workers,
                          device.type == "cuda", train.worker_signal_handling)

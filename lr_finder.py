@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import LATEST, PREVIOUS
-from data import ImageFolderDataset, Normalizer, TrainBatchSampler, make_demo_dataset, make_loader
+from data import ImageFolderDataset, Normalizer, TrainBatchSampler, make_demo_dataset, make_loader, usable_cores
 from dataset_paths import DEMO_DATA_DIR, DEMO_OUTPUT_DIR, REPO_DIR, DatasetLayoutError, check_layout
 from model import ARCHITECTURES
 from train import AMP_DTYPES, DEMO_SETTINGS, EXIT_BAD_INPUT, Config, UsageError, resolve_device, resolve_precision
@@ -196,7 +196,7 @@ def run_sweep(cfg: Config, sweep: argparse.Namespace, classes: list[str], device
     if sampler.steps_per_epoch() == 0:
         raise UsageError(f"The training set has {len(train_set)} images, fewer than one batch ({cfg.batch_size}); "
                          f"lower --batch-size.")
-    workers = cfg.workers if cfg.workers >= 0 else max(1, (os.cpu_count() or 2) - 1)
+    workers = cfg.workers if cfg.workers >= 0 else max(1, usable_cores() - 1)
     loader = make_loader(train_set, sampler, workers, device.type == "cuda")
     normalize = Normalizer(device)
 

@@ -41,6 +41,7 @@ from data import (
     ValBatchSampler,
     make_demo_dataset,
     make_loader,
+    usable_cores,
 )
 from dataset_paths import (
     DEFAULT_DATA_DIR,
@@ -364,7 +365,7 @@ class Trainer:
             self.step_model = torch.compile(self.step_model)
 
         root = Path(cfg.data_dir)
-        cores = max(1, (os.cpu_count() or 1) // RT.local_world_size)
+        cores = max(1, usable_cores() // RT.local_world_size)
         workers = cfg.workers if cfg.workers >= 0 else 1 if device.type == "cpu" else max(1, cores - 1)
         if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             # Compute threads spin while they wait for each other; sharing cores with loader workers or
