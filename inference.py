@@ -99,7 +99,9 @@ def load_classifier(path: str | os.PathLike) -> Classifier:
     except RuntimeError as err:
         raise InferenceError(f"The weights in {path} do not fit a {arch} with {len(class_names)} classes: "
                              f"{str(err)[:300]}") from err
-    return Classifier(model.eval(), list(class_names), display_labels(class_names), int(state["config"]["image_size"]),
+    return Classifier(model.eval(), list(class_names), display_labels(class_names),
+                      # the size train.py validated at, which is what the weights are scored for
+                      int(state["config"].get("eval_image_size") or state["config"]["image_size"]),
                       arch, path, dict(state["config"]), list(state.get("history", [])), state["samples_done"] == 0)
 
 

@@ -76,6 +76,9 @@ class Config:
     weight_decay: float = setting(1e-4, "L2 penalty on every parameter")
     label_smoothing: float = setting(0.0, "target smoothing for the training loss (validation loss never uses it)")
     image_size: int = setting(224, "train crop in pixels; val crops the same after resizing to size / 0.875")
+    start_image_size: int = setting(0, "progressive resizing: the train crop of the first epoch, growing linearly "
+                                       "to --image-size in the last (multiples of 16); 0: off")
+    eval_image_size: int = setting(0, "val crop in pixels (after resizing to size / 0.875); 0: --image-size")
     min_crop_scale: float = setting(0.08, "smallest fraction of the image area a random training crop keeps")
     workers: int = setting(-1, "loader processes per GPU; -1: the CPU cores divided among the local processes")
     device: str = setting("auto", "cuda if available, else cpu", choices=["auto", "cuda", "cpu"])
@@ -109,6 +112,8 @@ def parse_config(argv: list[str] | None = None) -> Config:
     problems = [f"--{name.replace('_', '-')} must be positive" for name in
                 ("epochs", "batch_size", "lr", "image_size", "log_every", "checkpoint_minutes")
                 if getattr(cfg, name) <= 0]
+    if not (cfg.start_image_size == 0 or cfg.start_image_size >= 16) or cfg.eval_image_size < 0:
+        problems.append("--start-image-size must be 0 (off) or at least 16, --eval-image-size 0 or positive")
     if not 0 < cfg.min_crop_scale <= 1 or not 0 < cfg.pct_start < 1 or not 0 <= cfg.label_smoothing < 1:
         problems.append("--min-crop-scale must be in (0, 1], --pct-start in (0, 1), --label-smoothing in [0, 1)")
     if problems:
@@ -246,7 +251,7 @@ WORKER_GRACE_SECONDS = 60
 # ---------------------------------------------------------------------------------------------------- outputs
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc1", "train_acc5", "val_loss", "val_acc1", "val_acc5",
-                  "epoch_seconds", "images_per_second", "train_images", "val_images", "skipped_images"]
+                  "epoch_seconds", "images_per_second", "train_images", "val_images", "skipped_images", "image_size"]
 
 
 def append_metrics(path: Path, rows: list[dict]) -> None:
@@ -372,8 +377,8 @@ class Trainer:
             # other ranks makes them over ten times slower (measured on 2 cores), so give each its own.
             torch.set_num_threads(max(1, cores - workers))
         self.train_set = ImageFolderDataset(root / "train", classes, True, cfg.image_size, cfg.seed,
-                                            cfg.min_crop_scale)
-        val_set = ImageFolderDataset(root / "val", classes, False, cfg.image_size, cfg.seed)
+                                            cfg.min_crop_scale, cfg.start_image_size, cfg.epochs)
+        val_set = ImageFolderDataset(root / "val", classes, False, cfg.eval_image_size or cfg.image_size, cfg.seed)
         self.sampler = TrainBatchSampler(len(self.train_set), cfg.batch_size, RT.rank, RT.world_size, cfg.seed)
         if self.sampler.steps_per_epoch() == 0:
             raise UsageError(f"The training set has {len(self.train_set)} images, fewer than one global batch "
@@ -480,7 +485,8 @@ class Trainer:
         sums = torch.zeros(5, dtype=torch.float64, device=device)  # this process's share since the resume
         steps = len(self.sampler)
         bar = tqdm(total=self.sampler.steps_per_epoch(), initial=self.sampler.steps_per_epoch() - steps,
-                   desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=not RT.master, dynamic_ncols=True,
+                   desc=f"epoch {self.epoch + 1}/{cfg.epochs} {self.train_set.image_size_at(self.epoch)}px",
+                   disable=not RT.master, dynamic_ncols=True,
                    unit="step", file=sys.stdout)
         started = last_sync = time.perf_counter()
         last_save, synced_steps = time.monotonic(), 0
@@ -573,7 +579,8 @@ class Trainer:
             row = {"epoch": self.epoch + 1, "lr": self.lr_at(self.global_step() - 1), "train_loss": loss / images,
                    "train_acc1": 100 * top1 / images, "train_acc5": 100 * top5 / images, **val,
                    "epoch_seconds": self.epoch_seconds, "images_per_second": images / self.epoch_seconds,
-                   "train_images": int(images), "skipped_images": int(skipped)}
+                   "train_images": int(images), "skipped_images": int(skipped),
+                   "image_size": self.train_set.image_size_at(self.epoch)}
             self.history.append(row)
             self.epoch, self.samples_done = self.epoch + 1, 0
             self.carried, self.carried_seconds = torch.zeros(5, dtype=torch.float64), 0.0

@@ -176,3 +176,21 @@ def test_layout_check_explains_each_mistake(tmp_path, case, expected):
     with pytest.raises(DatasetLayoutError, match=expected) as err:
         check_layout(root)
     assert "prepare_imagenet.py" in str(err.value)
+
+
+def test_progressive_resizing_grows_from_start_to_final_in_multiples_of_16():
+    from data import progressive_image_size
+
+    sizes = [progressive_image_size(e, 16, 160, 192) for e in range(16)]
+    assert sizes[0] == 160 and sizes[-1] == 192 and sizes == sorted(sizes)
+    assert all(s % 16 == 0 for s in sizes)
+    assert [progressive_image_size(e, 16, 0, 224) for e in (0, 7, 15)] == [224, 224, 224]
+    assert progressive_image_size(40, 16, 160, 192) == 192  # more epochs than planned: stay at the final size
+
+
+def test_train_images_follow_the_epoch_size_and_val_keeps_its_own(digits_dir):
+    classes = check_layout(digits_dir).classes
+    train = ImageFolderDataset(digits_dir / "train", classes, True, 32, seed=0, start_image_size=16, epochs=3)
+    assert [train[(e, 0)][0].shape[0] for e in range(3)] == [16, 32, 32]  # the middle 24 px rounds to 32
+    val = ImageFolderDataset(digits_dir / "val", classes, False, 48, seed=0)
+    assert val[(2, 0)][0].shape == (48, 48, 3)
