@@ -88,6 +88,8 @@ class Config:
     seed: int = setting(0, "decides initial weights, data order and every augmentation")
     checkpoint_minutes: float = setting(10.0, "also save mid-epoch this often (a checkpoint is always saved per epoch)")
     log_every: int = setting(10, "steps between host syncs: progress bar, stop requests, periodic saves, NaN check")
+    usd_per_hour: float = setting(0.0, "what the machine costs per hour; the epoch summary then shows the money "
+                                       "spent and a projection for the whole run")
     no_resume: bool = setting(False, "start a new run; an existing one in --output-dir is moved to a subfolder")
     demo: bool = setting(False, "train on the bundled digits dataset (small network, 32 px) instead of ImageNet")
 
@@ -112,6 +114,8 @@ def parse_config(argv: list[str] | None = None) -> Config:
     problems = [f"--{name.replace('_', '-')} must be positive" for name in
                 ("epochs", "batch_size", "lr", "image_size", "log_every", "checkpoint_minutes")
                 if getattr(cfg, name) <= 0]
+    if cfg.usd_per_hour < 0:
+        problems.append("--usd-per-hour cannot be negative")
     if not (cfg.start_image_size == 0 or cfg.start_image_size >= 16) or cfg.eval_image_size < 0:
         problems.append("--start-image-size must be 0 (off) or at least 16, --eval-image-size 0 or positive")
     if not 0 < cfg.min_crop_scale <= 1 or not 0 < cfg.pct_start < 1 or not 0 <= cfg.label_smoothing < 1:
@@ -251,7 +255,8 @@ WORKER_GRACE_SECONDS = 60
 # ---------------------------------------------------------------------------------------------------- outputs
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc1", "train_acc5", "val_loss", "val_acc1", "val_acc5",
-                  "epoch_seconds", "images_per_second", "train_images", "val_images", "skipped_images", "image_size"]
+                  "epoch_seconds", "images_per_second", "train_images", "val_images", "skipped_images", "image_size",
+                  "val_seconds"]
 
 
 def append_metrics(path: Path, rows: list[dict]) -> None:
@@ -561,6 +566,17 @@ class Trainer:
                                f"{[g.item() for g in gathered]}")
         log(f"Weights identical on all {RT.world_size} ranks (fingerprint {fingerprint.item():.12g}).")
 
+    def time_and_cost(self, last: dict) -> str:
+        """Time spent and to go (training plus validation, projected from the last epoch), and what that
+        costs at --usd-per-hour."""
+        spent = sum(r["epoch_seconds"] + r.get("val_seconds", 0.0) for r in self.history)
+        to_go = (self.cfg.epochs - self.epoch) * (last["epoch_seconds"] + last["val_seconds"])
+        text = f"{format_duration(spent)} so far, about {format_duration(to_go)} to go"
+        if self.cfg.usd_per_hour:
+            text += (f", ${self.cfg.usd_per_hour * spent / 3600:,.2f} spent, about "
+                     f"${self.cfg.usd_per_hour * (spent + to_go) / 3600:,.2f} for the run (projected)")
+        return text
+
     def fit(self) -> int:
         cfg = self.cfg
         out = Path(cfg.output_dir)
@@ -572,7 +588,9 @@ class Trainer:
                 log(f"Stopped by {self.stop.signal_name}; checkpoint saved at epoch {self.epoch + 1}, "
                     f"{self.samples_done:,} images into it. Rerun the same command to continue.")
                 return 0
+            val_started = time.perf_counter()
             val = self.evaluate()
+            val_seconds = time.perf_counter() - val_started
             self.check_ranks_agree()
             loss, top1, top5, images, skipped = self.epoch_sums.tolist()
             skipped += val.pop("val_skipped")
@@ -580,7 +598,7 @@ class Trainer:
                    "train_acc1": 100 * top1 / images, "train_acc5": 100 * top5 / images, **val,
                    "epoch_seconds": self.epoch_seconds, "images_per_second": images / self.epoch_seconds,
                    "train_images": int(images), "skipped_images": int(skipped),
-                   "image_size": self.train_set.image_size_at(self.epoch)}
+                   "image_size": self.train_set.image_size_at(self.epoch), "val_seconds": val_seconds}
             self.history.append(row)
             self.epoch, self.samples_done = self.epoch + 1, 0
             self.carried, self.carried_seconds = torch.zeros(5, dtype=torch.float64), 0.0
@@ -591,8 +609,7 @@ class Trainer:
             log(f"epoch {row['epoch']}/{cfg.epochs}: train loss {row['train_loss']:.4f} top-1 "
                 f"{row['train_acc1']:.2f}% | val loss {row['val_loss']:.4f} top-1 {row['val_acc1']:.2f}% "
                 f"top-5 {row['val_acc5']:.2f}% on {row['val_images']:,} images | {row['epoch_seconds']:.0f} s, "
-                f"{row['images_per_second']:.0f} img/s, "
-                f"about {format_duration((cfg.epochs - self.epoch) * self.epoch_seconds)} to go"
+                f"{row['images_per_second']:.0f} img/s | {self.time_and_cost(row)}"
                 + (f" | {row['skipped_images']} unreadable images skipped" if row["skipped_images"] else ""))
             stop_votes = all_reduce(torch.tensor([float(self.stop.signal_name is not None)], device=RT.device))
             if stop_votes.item() > 0 and self.epoch < cfg.epochs:

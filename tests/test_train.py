@@ -127,11 +127,14 @@ def test_changed_settings_on_resume_are_announced_and_applied(digits_dir, tmp_pa
     assert wrong_arch.returncode == 2 and "--arch resnet14_tiny" in wrong_arch.stderr
 
 
-def test_progressive_resizing_and_eval_size_reach_the_run_and_its_metrics(digits_dir, tmp_path):
+def test_progressive_resizing_eval_size_and_cost_reach_the_run_and_its_outputs(digits_dir, tmp_path):
     out = tmp_path / "run"
     result = run_train("--data-dir", digits_dir, "--output-dir", out, *FAST, "--epochs", 3,
-                       "--start-image-size", 16, "--eval-image-size", 48)
+                       "--start-image-size", 16, "--eval-image-size", 48, "--usd-per-hour", 32.77)
     assert result.returncode == 0, result.stderr
     assert [int(r["image_size"]) for r in read_metrics(out)] == [16, 32, 32]
     assert "epoch 1/3 16px" in result.stdout and "epoch 3/3 32px" in result.stdout
+    rows = read_metrics(out)
+    hours = sum(float(r["epoch_seconds"]) + float(r["val_seconds"]) for r in rows) / 3600
+    assert f"${32.77 * hours:,.2f} spent, about ${32.77 * hours:,.2f} for the run (projected)" in result.stdout
     assert torch.load(out / LATEST, map_location="cpu", weights_only=True)["config"]["eval_image_size"] == 48
