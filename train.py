@@ -260,23 +260,25 @@ METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc1", "train_acc5", "val_
 
 
 def append_metrics(path: Path, rows: list[dict]) -> None:
-    """Append the rows whose epoch is not in the file yet: the file keeps its history across resumes and
-    never gets a duplicate row, even when a resume repeats an epoch whose checkpoint was lost."""
-    done = set()
+    """Add the rows whose epoch is not in the file yet: the file keeps its history across resumes and never
+    gets a duplicate row, even when a resume repeats an epoch whose checkpoint was lost. The new file is
+    written beside the old one and renamed over it, so a full disk or a kill never leaves half a row."""
+    kept = []
     if path.exists():
         with open(path, newline="") as f:
-            done = {int(row["epoch"]) for row in csv.DictReader(f)}
+            kept = list(csv.DictReader(f))
+    done = {int(row["epoch"]) for row in kept}
     new_rows = [row for row in rows if row["epoch"] not in done]
     if not new_rows:
         return
-    write_header = not path.exists() or path.stat().st_size == 0
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
-        if write_header:
-            writer.writeheader()
-        writer.writerows(new_rows)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(kept + new_rows)
         f.flush()
         os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def plot_history(history: list[dict], path: Path) -> None:
@@ -604,8 +606,13 @@ class Trainer:
             self.carried, self.carried_seconds = torch.zeros(5, dtype=torch.float64), 0.0
             self.save(self.carried, 0.0)
             if RT.master:
-                append_metrics(out / "metrics.csv", [row])
-                plot_history(self.history, out / "training_curves.png")
+                try:
+                    append_metrics(out / "metrics.csv", [row])
+                    plot_history(self.history, out / "training_curves.png")
+                except OSError as err:
+                    raise UsageError(f"Could not write metrics.csv or the plot in {out}: {err}. Epoch {row['epoch']} "
+                                     f"is in the checkpoint; free some space or fix the folder, then rerun the same "
+                                     f"command: it writes the missing row and continues.") from err
             log(f"epoch {row['epoch']}/{cfg.epochs}: train loss {row['train_loss']:.4f} top-1 "
                 f"{row['train_acc1']:.2f}% | val loss {row['val_loss']:.4f} top-1 {row['val_acc1']:.2f}% "
                 f"top-5 {row['val_acc5']:.2f}% on {row['val_images']:,} images | {row['epoch_seconds']:.0f} s, "

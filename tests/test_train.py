@@ -138,3 +138,15 @@ def test_progressive_resizing_eval_size_and_cost_reach_the_run_and_its_outputs(d
     hours = sum(float(r["epoch_seconds"]) + float(r["val_seconds"]) for r in rows) / 3600
     assert f"${32.77 * hours:,.2f} spent, about ${32.77 * hours:,.2f} for the run (projected)" in result.stdout
     assert torch.load(out / LATEST, map_location="cpu", weights_only=True)["config"]["eval_image_size"] == 48
+
+
+def test_metrics_csv_keeps_history_never_duplicates_and_leaves_no_partial_file(tmp_path):
+    from train import METRIC_COLUMNS, append_metrics
+
+    path = tmp_path / "metrics.csv"
+    row = {column: 0 for column in METRIC_COLUMNS}
+    append_metrics(path, [{**row, "epoch": 1, "val_acc1": 10.5}])
+    append_metrics(path, [{**row, "epoch": 1, "val_acc1": 99.0}, {**row, "epoch": 2, "val_acc1": 20.5}])
+    rows = read_metrics(path.parent)
+    assert [(r["epoch"], r["val_acc1"]) for r in rows] == [("1", "10.5"), ("2", "20.5")]  # the first epoch 1 stays
+    assert list(rows[0]) == METRIC_COLUMNS and [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]
