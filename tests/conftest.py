@@ -1,5 +1,6 @@
 """Shared fixtures: real small image data and a helper that runs train.py the way a user does."""
 
+import io
 import os
 import shutil
 import subprocess
@@ -7,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
+from sklearn.datasets import load_sample_image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -40,3 +43,17 @@ def train_cmd(*args) -> list[str]:
 def run_train(*args, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(train_cmd(*args), capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
+
+
+def add_odd_images(folder):
+    """The files real ImageNet holds besides good JPEGs: three decode, three are broken."""
+    photo = Image.fromarray(load_sample_image("flower.jpg")).resize((40, 30))
+    photo.save(folder / "odd_a_png.JPEG", format="PNG")
+    photo.convert("CMYK").save(folder / "odd_b_cmyk.JPEG")
+    photo.convert("L").save(folder / "odd_c_gray.JPEG")
+    buf = io.BytesIO()
+    photo.save(buf, format="JPEG")
+    (folder / "odd_d_truncated.JPEG").write_bytes(buf.getvalue()[:300])
+    (folder / "odd_e_empty.JPEG").write_bytes(b"")
+    (folder / "odd_f_text.JPEG").write_text("not an image")
+    return ["odd_d_truncated.JPEG", "odd_e_empty.JPEG", "odd_f_text.JPEG"]

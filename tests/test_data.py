@@ -1,9 +1,9 @@
-import io
 import shutil
 
 import numpy as np
 import pytest
 import torch
+from conftest import add_odd_images
 from PIL import Image
 from sklearn.datasets import load_sample_image
 
@@ -110,18 +110,10 @@ def test_augmentation_depends_only_on_seed_epoch_and_index(digits_dir):
 @pytest.fixture
 def odd_images_dir(tmp_path):
     """A class folder with the files real ImageNet contains: PNG named .JPEG, CMYK, grayscale, and broken ones."""
-    photo = Image.fromarray(load_sample_image("flower.jpg")).resize((120, 90))
     folder = tmp_path / "train" / "n000"
     folder.mkdir(parents=True)
-    photo.save(folder / "a_png_in_disguise.JPEG", format="PNG")
-    photo.convert("CMYK").save(folder / "b_cmyk.JPEG")
-    photo.convert("L").save(folder / "c_gray.JPEG")
-    buf = io.BytesIO()
-    photo.save(buf, format="JPEG")
-    (folder / "d_truncated.JPEG").write_bytes(buf.getvalue()[:300])
-    (folder / "e_empty.JPEG").write_bytes(b"")
-    (folder / "f_text.JPEG").write_text("not an image")
-    photo.save(folder / "g_good.JPEG")
+    add_odd_images(folder)
+    Image.fromarray(load_sample_image("flower.jpg")).save(folder / "z_good.JPEG")
     shutil.copytree(tmp_path / "train", tmp_path / "val")
     return tmp_path
 
@@ -133,7 +125,8 @@ def test_odd_images_decode_and_broken_ones_are_skipped_and_reported(odd_images_d
         assert image.shape == (32, 32, 3) and label == 0 and skipped == []
     image, label, skipped = train[(0, 3)]  # truncated, empty and text files are replaced by the next good one
     assert label == 0 and image.shape == (32, 32, 3)
-    assert [s.split(" ")[0].rsplit("/", 1)[1] for s in skipped] == ["d_truncated.JPEG", "e_empty.JPEG", "f_text.JPEG"]
+    assert [s.split(" ")[0].rsplit("/", 1)[1] for s in skipped] == ["odd_d_truncated.JPEG", "odd_e_empty.JPEG",
+                                                                 "odd_f_text.JPEG"]
     val = ImageFolderDataset(odd_images_dir / "val", ["n000"], False, 32, seed=0)
     batch = collate([val[(0, i)] for i in range(len(val))])
     assert batch[1].tolist() == [0, 0, 0, -1, -1, -1, 0]  # val leaves broken files out instead of substituting

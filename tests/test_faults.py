@@ -1,7 +1,6 @@
 """Faults inflicted on real (small, CPU) training runs: a kill inside a checkpoint write, a full disk, bad
 images, a dying DDP rank, and data or output folders that vanish or turn read-only mid-run."""
 
-import io
 import os
 import shutil
 import signal
@@ -12,9 +11,7 @@ from contextlib import ExitStack, contextmanager
 
 import pytest
 import torch
-from conftest import FAST, REPO, run_train, train_cmd
-from PIL import Image
-from sklearn.datasets import load_sample_image
+from conftest import FAST, REPO, add_odd_images, run_train, train_cmd
 from test_resume import ARGS, assert_same_run, metrics, uninterrupted, wait_for_new_checkpoint  # noqa: F401
 
 from checkpoint import LATEST, TEST_SLOW_WRITE_SECONDS, load_latest_checkpoint
@@ -112,20 +109,6 @@ def test_a_full_disk_stops_the_run_clearly_and_keeps_the_last_checkpoint(digits_
 
 
 # ---------------------------------------------------------------------------------------- bad images
-
-def add_odd_images(folder):
-    """The files real ImageNet holds besides good JPEGs: three decode, three are broken."""
-    photo = Image.fromarray(load_sample_image("flower.jpg")).resize((40, 30))
-    photo.save(folder / "odd_a_png.JPEG", format="PNG")
-    photo.convert("CMYK").save(folder / "odd_b_cmyk.JPEG")
-    photo.convert("L").save(folder / "odd_c_gray.JPEG")
-    buf = io.BytesIO()
-    photo.save(buf, format="JPEG")
-    (folder / "odd_d_truncated.JPEG").write_bytes(buf.getvalue()[:300])
-    (folder / "odd_e_empty.JPEG").write_bytes(b"")
-    (folder / "odd_f_text.JPEG").write_text("not an image")
-    return ["odd_d_truncated.JPEG", "odd_e_empty.JPEG", "odd_f_text.JPEG"]
-
 
 def expected_train_skips(num_images, broken, epoch):
     """Unreadable files met in an epoch: each sampled broken file, plus the broken ones after it that its
