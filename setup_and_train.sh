@@ -24,7 +24,8 @@ Options:
                            Asked interactively when stdin is a terminal.
   --repo-url URL           where to clone the code if this script is not inside a checkout
                            (env REPO_URL; default: origin of the checkout the script sits in)
-  --output-dir DIR         checkpoints and logs (env OUTPUT_DIR; default $MOUNT_POINT/runs/resnet50)
+  --output-dir DIR         checkpoints and logs (env OUTPUT_DIR; default runs/resnet50 in the code folder,
+                           as for a bare `python train.py`, which then resumes the same run)
   --session NAME           tmux session name (env SESSION; default resnet50)
   --demo                   no ImageNet: skip disk and mount work, run `train.py --demo`
   --dry-run                print every action, change nothing
@@ -408,7 +409,7 @@ main() {
         OUTPUT_DIR=${OUTPUT_DIR:-$CODE_DIR/runs/demo}
     else
         VENV=${VENV:-$MOUNT_POINT/venv}
-        OUTPUT_DIR=${OUTPUT_DIR:-$MOUNT_POINT/runs/resnet50}
+        OUTPUT_DIR=${OUTPUT_DIR:-$CODE_DIR/runs/resnet50}  # train.py's own default, so a bare `python train.py` resumes it
     fi
     DATASET_PATH=${DATASET_PATH:-$MOUNT_POINT/extracted}
     setup_venv

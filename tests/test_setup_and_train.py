@@ -286,18 +286,18 @@ def test_without_tmux_uses_nohup(box):
     while not box.calls("nohup") and time.time() < deadline:  # nohup was started in the background
         time.sleep(0.05)
     (call,) = box.calls("nohup")
-    assert (box.mnt / "runs/resnet50/train.pid").read_text().strip().isdigit()
-    assert call.startswith(f"nohup {box.mnt}/venv/bin/python train.py --output-dir {box.mnt}/runs/resnet50")
+    assert (box.code / "runs/resnet50/train.pid").read_text().strip().isdigit()
+    assert call.startswith(f"nohup {box.mnt}/venv/bin/python train.py --output-dir {box.code}/runs/resnet50")
     assert "nohup" in proc.stdout and "tail -f" in proc.stdout
 
 
 def test_passthrough_args_reach_train_py(box):
     box.run("--batch-size", "64", "--", "--epochs", "2", "--lr", "0.1 0.2")
     (call,), env = box.run_tmux_command()
-    assert call == (f"python train.py --output-dir {box.mnt}/runs/resnet50 "
+    assert call == (f"python train.py --output-dir {box.code}/runs/resnet50 "
                     "--batch-size 64 --epochs 2 --lr 0.1 0.2")
     assert env == f"env DATASET_PATH={box.mnt}/extracted PWD={box.code}"
-    (log,) = (box.mnt / "runs/resnet50/logs").glob("train-*.log")
+    (log,) = (box.code / "runs/resnet50/logs").glob("train-*.log")
     assert log.read_text() == "output of python\n"
 
 
