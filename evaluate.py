@@ -36,7 +36,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="cuda if available, else cpu")
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                         help="auto: as train.py (bf16 where the GPU supports it, else fp16; fp32 on CPU)")
-    parser.add_argument("--tta-flip", action="store_true", help="average the logits of each image and its mirror image")
+    parser.add_argument("--tta-flip", action=argparse.BooleanOptionalAction,
+                        help="average the logits of each image and its mirror image (default: as the run validated, "
+                             "train.py --eval-flip)")
+    parser.add_argument("--ema", action="store_true", help="evaluate the checkpoint's weight average (train.py "
+                                                          "--ema-decay) instead of its weights")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args(argv)
     for name in ("image_size", "batch_size"):
@@ -98,7 +102,7 @@ def evaluate_classifier(clf: Classifier, data_dir: Path, image_size: int, batch_
 
 
 def run(args: argparse.Namespace) -> dict:
-    clf = load_classifier(args.checkpoint)
+    clf = load_classifier(args.checkpoint, weight_average=args.ema)
     if not args.data_dir and "data_dir" not in clf.config:
         raise InferenceError(f"{clf.source} does not record its dataset; pass --data-dir.")
     data_dir = Path(args.data_dir or clf.config["data_dir"])
@@ -107,24 +111,28 @@ def run(args: argparse.Namespace) -> dict:
     # The training batch size by default: the same batches give bit-identical logits, hence the logged top-1.
     batch_size = args.batch_size or clf.config.get("batch_size", 100)
     amp_dtype = amp_dtype_for(args.precision, train.RT.device, clf.onnx)
-    metrics = evaluate_classifier(clf, data_dir, image_size, batch_size, args.workers, amp_dtype, args.tta_flip)
+    flip = clf.config.get("eval_flip", False) if args.tta_flip is None else args.tta_flip
+    metrics = evaluate_classifier(clf, data_dir, image_size, batch_size, args.workers, amp_dtype, flip)
     if metrics["val_images"] + metrics["val_skipped"] != expected:
         raise RuntimeError(f"Counted {metrics['val_images']} + {metrics['val_skipped']} unreadable images, "
                            f"expected {expected}: the split across processes lost or repeated some.")
     logged = None
-    if clf.history and clf.epoch_finished and image_size == clf.image_size and not args.tta_flip:
-        logged = clf.history[-1]["val_acc1"]
+    same_as_training = image_size == clf.image_size and flip == clf.config.get("eval_flip", False)
+    if clf.history and clf.epoch_finished and same_as_training:
+        logged = clf.history[-1]["ema_val_acc1" if args.ema else "val_acc1"]
     return {"acc1": metrics["val_acc1"], "acc5": metrics["val_acc5"], "loss": metrics["val_loss"],
             "images": metrics["val_images"], "unreadable_images": metrics["val_skipped"],
             "checkpoint": str(clf.source), "arch": clf.arch, "data_dir": str(data_dir), "image_size": image_size,
-            "tta_flip": args.tta_flip, "device": train.RT.device.type, "processes": train.RT.world_size,
+            "tta_flip": flip, "weight_average": args.ema, "device": train.RT.device.type,
+            "processes": train.RT.world_size,
             "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype],
             "logged_val_acc1": logged}
 
 
 def report(result: dict) -> str:
     lines = [f"{result['arch']} from {result['checkpoint']} on {result['data_dir']}/val: {result['images']:,} images "
-             f"at {result['image_size']} px{', flip TTA' if result['tta_flip'] else ''}, {result['precision']}, "
+             f"at {result['image_size']} px{', flip TTA' if result['tta_flip'] else ''}"
+             f"{', weight average' if result['weight_average'] else ''}, {result['precision']}, "
              f"{result['processes']} x {result['device']}",
              f"top-1 {result['acc1']:.2f}%  top-5 {result['acc5']:.2f}%  loss {result['loss']:.4f}"]
     if result["unreadable_images"]:

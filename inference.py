@@ -76,13 +76,16 @@ def display_labels(class_names: list[str]) -> list[str]:
     return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
 
 
-def load_classifier(path: str | os.PathLike) -> Classifier:
-    """A train.py checkpoint (.pth) or an ONNX file written by export.py, on the CPU, in eval mode."""
+def load_classifier(path: str | os.PathLike, weight_average: bool = False) -> Classifier:
+    """A train.py checkpoint (.pth) or an ONNX file written by export.py, on the CPU, in eval mode.
+    weight_average: the checkpoint's exponential moving average of the weights (train.py --ema-decay)."""
     path = Path(path)
     if not path.is_file():
         raise InferenceError(f"No model file at {path}. Pass the checkpoint.pth that train.py wrote "
                              f"(e.g. runs/demo/checkpoint.pth after `python train.py --demo`) or an export.py .onnx.")
     if path.suffix == ".onnx":
+        if weight_average:
+            raise InferenceError(f"{path} is an exported model; the weight average exists only in checkpoints.")
         return load_onnx(path)
     try:
         state = read_checkpoint(path)
@@ -92,10 +95,12 @@ def load_classifier(path: str | os.PathLike) -> Classifier:
     arch, class_names = state["config"].get("arch"), state["class_names"]
     if arch not in ARCHITECTURES:
         raise InferenceError(f"{path} holds an unknown architecture {arch!r}; this code knows {list(ARCHITECTURES)}.")
+    if weight_average and not state.get("ema"):
+        raise InferenceError(f"{path} holds no weight average: the run was trained without --ema-decay.")
     model = ARCHITECTURES[arch](num_classes=len(class_names))
     try:
         # strict: every parameter and buffer is overwritten, none keeps its random initial value.
-        model.load_state_dict(state["model"], strict=True)
+        model.load_state_dict(state["ema" if weight_average else "model"], strict=True)
     except RuntimeError as err:
         raise InferenceError(f"The weights in {path} do not fit a {arch} with {len(class_names)} classes: "
                              f"{str(err)[:300]}") from err

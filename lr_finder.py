@@ -26,13 +26,23 @@ from checkpoint import LATEST, PREVIOUS
 from data import ImageFolderDataset, Normalizer, TrainBatchSampler, make_demo_dataset, make_loader, usable_cores
 from dataset_paths import DEMO_DATA_DIR, DEMO_OUTPUT_DIR, REPO_DIR, DatasetLayoutError, check_layout
 from model import ARCHITECTURES
-from train import AMP_DTYPES, DEMO_SETTINGS, EXIT_BAD_INPUT, Config, UsageError, resolve_device, resolve_precision
+from recipes import RECIPES, parameter_groups
+from train import (
+    AMP_DTYPES,
+    DEMO_SETTINGS,
+    EXIT_BAD_INPUT,
+    Config,
+    UsageError,
+    add_config_argument,
+    resolve_device,
+    resolve_precision,
+)
 
 DEFAULT_OUTPUT_DIR = REPO_DIR / "runs" / "lr_finder"
 DEMO_SWEEP_OUTPUT_DIR = REPO_DIR / "runs" / "lr_finder_demo"
 # train.py flags that change what the sweep measures; help texts and choices come from train.Config.
-SHARED_SETTINGS = ("data_dir", "arch", "batch_size", "image_size", "min_crop_scale", "momentum", "weight_decay",
-                   "label_smoothing", "workers", "device", "precision", "seed")
+SHARED_SETTINGS = ("data_dir", "recipe", "arch", "batch_size", "image_size", "min_crop_scale", "momentum",
+                   "weight_decay", "bias_decay", "label_smoothing", "workers", "device", "precision", "seed")
 # The curve must fall at least this far below its starting level to show where learning happens. The second
 # bound is in standard deviations of the smoothed curve's noise: on demo sweeps too short to learn anything the
 # lowest point lay 1-4.2 of them below the start by chance, on sweeps that learned 8.9-46.
@@ -60,18 +70,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
                                                          "its minimum (default: 4)")
     parser.add_argument("--demo", action="store_true", help="sweep on the bundled digits dataset with train.py's "
                                                             "--demo network, image size and batch size")
-    config_fields = {f.name: f for f in fields(Config)}
-    for name in SHARED_SETTINGS:
-        meta = config_fields[name].metadata
-        parser.add_argument("--" + name.replace("_", "-"), type=config_fields[name].type,
-                            help=f"{meta['help']} (default: train.py's)", choices=meta.get("choices"))
+    for f in fields(Config):
+        if f.name in SHARED_SETTINGS:
+            add_config_argument(parser, f)
     explicit = vars(parser.parse_args(argv))
     sweep = argparse.Namespace(start_lr=1e-4, end_lr=10.0, num_iter=300, divergence=4.0,
                                output_dir=str(DEMO_SWEEP_OUTPUT_DIR if explicit.get("demo") else DEFAULT_OUTPUT_DIR))
     for key in vars(sweep).keys() & explicit.keys():
         setattr(sweep, key, explicit[key])
     sweep.smoothing = explicit.get("smoothing", default_smoothing(sweep.num_iter))
-    cfg = Config(**{**(DEMO_SETTINGS if explicit.get("demo") else {}),
+    cfg = Config(**{**RECIPES[explicit.get("recipe", "seed")], **(DEMO_SETTINGS if explicit.get("demo") else {}),
                     **{k: v for k, v in explicit.items() if k in SHARED_SETTINGS or k == "demo"}})
     problems = []
     if not 0 < sweep.start_lr < sweep.end_lr:
@@ -186,8 +194,8 @@ def run_sweep(cfg: Config, sweep: argparse.Namespace, classes: list[str], device
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
-    optimizer = torch.optim.SGD(model.parameters(), lr=sweep.start_lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.SGD(parameter_groups(model, cfg.weight_decay, cfg.bias_decay), lr=sweep.start_lr,
+                                momentum=cfg.momentum)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     train_set = ImageFolderDataset(Path(cfg.data_dir) / "train", classes, True, cfg.image_size, cfg.seed,
@@ -296,11 +304,17 @@ def check_output_dir(out: Path) -> None:
                          f"the LR finder never writes there. Pass another --output-dir.")
 
 
-def train_command(explicit: dict, lr: float) -> str:
+def train_command(cfg: Config, explicit: dict, lr: float) -> str:
     flags = ["--demo"] if explicit.get("demo") else []
     for name in SHARED_SETTINGS:
         if name in explicit and name not in ("workers", "device"):
-            flags.append(f"--{name.replace('_', '-')} {explicit[name]}")
+            value = explicit[name]
+            flag = "--" + ("" if value or not isinstance(value, bool) else "no-") + name.replace("_", "-")
+            flags.append(flag if isinstance(value, bool) else f"{flag} {value}")
+    # The sweep ran one process at --batch-size; a recipe that scales --lr by the global batch wants it per
+    # reference batch.
+    if cfg.lr_reference_batch:
+        lr *= cfg.lr_reference_batch / cfg.batch_size
     return " ".join(["python train.py", *flags, f"--lr {lr:.3g}"])
 
 
@@ -340,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
               f"larger than this sweep's; the linear scaling rule would multiply the LR by as much.")
     print(f"Suggested peak LR {result['suggested_lr']:.3g} (minimum loss at {result['min_loss_lr']:.3g} / 10; "
           f"steepest descent at {result['steepest_lr']:.3g}). Train with: "
-          f"{train_command(explicit, result['suggested_lr'])}   [curve and plots in {out}]")
+          f"{train_command(cfg, explicit, result['suggested_lr'])}   [curve and plots in {out}]")
     return 0
 
 

@@ -52,6 +52,15 @@ from dataset_paths import (
     check_layout,
 )
 from model import ARCHITECTURES
+from recipes import (
+    INSTANCE_PRICES,
+    RECIPES,
+    SCHEDULES,
+    WeightAverage,
+    learning_rate,
+    parameter_groups,
+    peak_lr,
+)
 
 EXIT_BAD_INPUT = 2  # the user can fix it: a data layout, a flag, a checkpoint
 EXIT_NON_FINITE = 3  # training diverged; the last good checkpoint is kept
@@ -65,20 +74,34 @@ def setting(default, help, **argparse_kwargs):
 class Config:
     data_dir: str = setting(str(DEFAULT_DATA_DIR), "dataset root holding train/<class>/ and val/<class>/")
     output_dir: str = setting(str(DEFAULT_OUTPUT_DIR), "checkpoints, metrics.csv and the plot; resumes from here")
+    recipe: str = setting("seed", "preset of the settings below (explicit flags still win): seed = the original "
+                                  "50-epoch one-cycle run; fast = fewer epochs at lower resolution (see recipes.py)",
+                          choices=list(RECIPES))
     arch: str = setting("resnet50", "network; the small ones are for quick CPU runs", choices=list(ARCHITECTURES))
     epochs: int = setting(50, "passes over the training set")
     batch_size: int = setting(256, "images per GPU (per process) and step")
-    lr: float = setting(0.175, "peak learning rate of the one-cycle schedule")
-    pct_start: float = setting(0.3, "fraction of training spent raising the LR to its peak")
+    lr: float = setting(0.175, "peak learning rate (per --lr-reference-batch images when that is set)")
+    lr_reference_batch: int = setting(0, "scale --lr linearly by global batch / this many images; 0: use --lr as is")
+    schedule: str = setting("onecycle", "LR schedule: onecycle (cosine up and down), linear or cosine (after a "
+                                        "linear warm-up), step (/10 at 1/3, 2/3 and 8/9 of the run)",
+                            choices=list(SCHEDULES))
+    pct_start: float = setting(0.3, "onecycle: fraction of training spent raising the LR to its peak")
+    warmup_epochs: float = setting(0.0, "linear, cosine, step: epochs of linear warm-up to the peak LR")
     div_factor: float = setting(25.0, "the LR starts at lr / div_factor")
-    final_div_factor: float = setting(1e4, "the LR ends at lr / div_factor / final_div_factor")
+    final_div_factor: float = setting(1e4, "onecycle, linear, cosine: the LR ends at lr / div_factor / this")
     momentum: float = setting(0.9, "SGD momentum (held constant, not cycled)")
-    weight_decay: float = setting(1e-4, "L2 penalty on every parameter")
+    weight_decay: float = setting(1e-4, "L2 penalty on conv and fc weights (and on 1-D parameters with --bias-decay)")
+    bias_decay: bool = setting(True, "also decay biases and BatchNorm parameters (every 1-D parameter, chosen by "
+                                     "shape); --no-bias-decay exempts them", action=argparse.BooleanOptionalAction)
     label_smoothing: float = setting(0.0, "target smoothing for the training loss (validation loss never uses it)")
+    ema_decay: float = setting(0.0, "keep an exponential moving average of the weights with this decay per step "
+                                    "(e.g. 0.9999), evaluated and saved beside the model; 0: off")
     image_size: int = setting(224, "train crop in pixels; val crops the same after resizing to size / 0.875")
     start_image_size: int = setting(0, "progressive resizing: the train crop of the first epoch, growing linearly "
                                        "to --image-size in the last (multiples of 16); 0: off")
     eval_image_size: int = setting(0, "val crop in pixels (after resizing to size / 0.875); 0: --image-size")
+    eval_flip: bool = setting(False, "validate on the average of each image's and its mirror image's logits",
+                              action=argparse.BooleanOptionalAction)
     min_crop_scale: float = setting(0.08, "smallest fraction of the image area a random training crop keeps")
     workers: int = setting(-1, "loader processes per GPU; -1: the CPU cores divided among the local processes")
     device: str = setting("auto", "cuda if available, else cpu", choices=["auto", "cuda", "cpu"])
@@ -88,55 +111,56 @@ class Config:
     seed: int = setting(0, "decides initial weights, data order and every augmentation")
     checkpoint_minutes: float = setting(10.0, "also save mid-epoch this often (a checkpoint is always saved per epoch)")
     log_every: int = setting(10, "steps between host syncs: progress bar, stop requests, periodic saves, NaN check")
-    usd_per_hour: float = setting(0.0, "what the machine costs per hour; the epoch summary then shows the money "
-                                       "spent and a projection for the whole run")
+    usd_per_hour: float = setting(0.0, "what the machine costs per hour; the progress bar and epoch summary then "
+                                       "show the money spent and a projection for the whole run")
+    instance_type: str = setting("", "take --usd-per-hour from recipes.INSTANCE_PRICES (dated list prices)",
+                                 choices=["", *INSTANCE_PRICES])
     no_resume: bool = setting(False, "start a new run; an existing one in --output-dir is moved to a subfolder")
     demo: bool = setting(False, "train on the bundled digits dataset (small network, 32 px) instead of ImageNet")
 
 
 # What --demo changes unless the flag is given explicitly: a run that learns on a 2-core CPU in about a minute.
+# It also switches off a recipe's ImageNet resolutions and LR scaling, which mean nothing for 32 px digits.
 DEMO_SETTINGS = dict(data_dir=str(DEMO_DATA_DIR), output_dir=str(DEMO_OUTPUT_DIR), arch="resnet26_narrow",
-                     epochs=12, batch_size=64, lr=0.2, image_size=32, min_crop_scale=0.35)
+                     epochs=12, batch_size=64, lr=0.2, lr_reference_batch=0, image_size=32, start_image_size=0,
+                     eval_image_size=0, min_crop_scale=0.35)
+
+
+def add_config_argument(parser: argparse.ArgumentParser, f) -> None:
+    """One Config field as a command-line flag, its help and choices taken from the field."""
+    flag = "--" + f.name.replace("_", "-")
+    kwargs = {k: v for k, v in f.metadata.items() if k != "help"}
+    if f.type is bool:
+        parser.add_argument(flag, action=kwargs.get("action", "store_true"), help=f.metadata["help"])
+    else:
+        parser.add_argument(flag, type=f.type, help=f.metadata["help"] + f" (default: {f.default})", **kwargs)
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
-    # SUPPRESS keeps unset flags out of the namespace, so --demo can tell its presets from explicit flags.
+    # SUPPRESS keeps unset flags out of the namespace, so presets can tell their values from explicit flags.
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
     for f in fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        kwargs = {k: v for k, v in f.metadata.items() if k != "help"}
-        if f.type is bool:
-            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
-        else:
-            parser.add_argument(flag, type=f.type, help=f.metadata["help"] + f" (default: {f.default})", **kwargs)
+        add_config_argument(parser, f)
     explicit = vars(parser.parse_args(argv))
-    cfg = Config(**{**(DEMO_SETTINGS if explicit.get("demo") else {}), **explicit})
+    cfg = Config(**{**RECIPES[explicit.get("recipe", "seed")], **(DEMO_SETTINGS if explicit.get("demo") else {}),
+                    **explicit})
+    if cfg.instance_type and "usd_per_hour" not in explicit:
+        cfg.usd_per_hour = INSTANCE_PRICES[cfg.instance_type][0]
     problems = [f"--{name.replace('_', '-')} must be positive" for name in
                 ("epochs", "batch_size", "lr", "image_size", "log_every", "checkpoint_minutes")
                 if getattr(cfg, name) <= 0]
-    if cfg.usd_per_hour < 0:
-        problems.append("--usd-per-hour cannot be negative")
-    if not (cfg.start_image_size == 0 or cfg.start_image_size >= 16) or cfg.eval_image_size < 0:
-        problems.append("--start-image-size must be 0 (off) or at least 16, --eval-image-size 0 or positive")
+    if cfg.usd_per_hour < 0 or cfg.lr_reference_batch < 0:
+        problems.append("--usd-per-hour and --lr-reference-batch cannot be negative")
+    if not (cfg.start_image_size == 0 or 16 <= cfg.start_image_size <= cfg.image_size) or cfg.eval_image_size < 0:
+        problems.append(f"--start-image-size must be 0 (off) or from 16 to --image-size ({cfg.start_image_size} and "
+                        f"{cfg.image_size} given or set by --recipe {cfg.recipe}), --eval-image-size 0 or positive")
     if not 0 < cfg.min_crop_scale <= 1 or not 0 < cfg.pct_start < 1 or not 0 <= cfg.label_smoothing < 1:
         problems.append("--min-crop-scale must be in (0, 1], --pct-start in (0, 1), --label-smoothing in [0, 1)")
+    if not 0 <= cfg.warmup_epochs < cfg.epochs or not 0 <= cfg.ema_decay < 1:
+        problems.append(f"--warmup-epochs must be in [0, --epochs = {cfg.epochs}), --ema-decay in [0, 1)")
     if problems:
         parser.error("; ".join(problems))
     return cfg
-
-
-def onecycle_lr(step: int, total_steps: int, peak: float, pct_start: float, div_factor: float,
-                final_div_factor: float) -> float:
-    """The LR before optimizer step `step` (0-based): torch's OneCycleLR (cosine annealing, two phases) as a
-    pure function, so a resumed or re-planned run needs no scheduler object to restore."""
-    start, end = peak / div_factor, peak / div_factor / final_div_factor
-    step = min(step, total_steps - 1)
-    warmup_end = pct_start * total_steps - 1
-    if step <= warmup_end:
-        lo, hi, frac = start, peak, step / warmup_end
-    else:
-        lo, hi, frac = peak, end, (step - warmup_end) / (total_steps - 1 - warmup_end)
-    return hi + (lo - hi) / 2 * (math.cos(math.pi * frac) + 1)
 
 
 # ---------------------------------------------------------------------------------------------------- runtime
@@ -256,7 +280,7 @@ WORKER_GRACE_SECONDS = 60
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc1", "train_acc5", "val_loss", "val_acc1", "val_acc5",
                   "epoch_seconds", "images_per_second", "train_images", "val_images", "skipped_images", "image_size",
-                  "val_seconds"]
+                  "val_seconds", "ema_val_loss", "ema_val_acc1", "ema_val_acc5"]
 
 
 def append_metrics(path: Path, rows: list[dict]) -> None:
@@ -294,6 +318,9 @@ def plot_history(history: list[dict], path: Path) -> None:
     ax_acc.plot(epochs, [r["train_acc1"] for r in history], "o-", label="train top-1")
     ax_acc.plot(epochs, [r["val_acc1"] for r in history], "o-", label="val top-1")
     ax_acc.plot(epochs, [r["val_acc5"] for r in history], "--", label="val top-5")
+    ema_acc1 = [r.get("ema_val_acc1") for r in history]
+    if None not in ema_acc1:
+        ax_acc.plot(epochs, ema_acc1, "o:", label="val top-1, weight average")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
@@ -365,8 +392,9 @@ class Trainer:
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                         weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.SGD(parameter_groups(self.model, cfg.weight_decay, cfg.bias_decay), lr=cfg.lr,
+                                         momentum=cfg.momentum)
+        self.ema = WeightAverage(self.model, cfg.ema_decay) if cfg.ema_decay else None
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         # self.model stays the bare module: it is what gets saved and evaluated.
         self.step_model = self.model
@@ -410,9 +438,15 @@ class Trainer:
     def global_step(self) -> int:
         return self.epoch * self.sampler.steps_per_epoch() + self.samples_done // self.sampler.global_batch
 
+    @property
+    def peak_lr(self) -> float:
+        return peak_lr(self.cfg.lr, self.cfg.lr_reference_batch, self.sampler.global_batch)
+
     def lr_at(self, step: int) -> float:
         c = self.cfg
-        return onecycle_lr(step, self.total_steps, c.lr, c.pct_start, c.div_factor, c.final_div_factor)
+        warmup_steps = round(c.warmup_epochs * self.sampler.steps_per_epoch())
+        return learning_rate(c.schedule, step, self.total_steps, warmup_steps, self.peak_lr, c.pct_start,
+                             c.div_factor, c.final_div_factor)
 
     # -------------------------------------------------------------------------------- checkpoints
 
@@ -420,7 +454,8 @@ class Trainer:
         return {
             "model": self.model.state_dict(),  # the bare module: no "module." or "_orig_mod." prefixes
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": {"kind": "onecycle", "global_step": self.global_step()},
+            "scheduler": {"kind": self.cfg.schedule, "global_step": self.global_step()},
+            "ema": self.ema.model.state_dict() if self.ema else None,
             "grad_scaler": self.scaler.state_dict(),
             "epoch": self.epoch,
             "samples_done": self.samples_done,
@@ -462,8 +497,15 @@ class Trainer:
         self.epoch, self.samples_done, self.history = state["epoch"], state["samples_done"], state["history"]
         self.carried = torch.tensor(state["epoch_sums"], dtype=torch.float64)
         self.carried_seconds = state["epoch_seconds"]
-        for group in self.optimizer.param_groups:  # the command line wins over the saved hyperparameters
-            group.update(momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)
+        # The command line wins over the saved hyperparameters.
+        fresh = parameter_groups(self.model, self.cfg.weight_decay, self.cfg.bias_decay)
+        for group, new in zip(self.optimizer.param_groups, fresh, strict=True):
+            group.update(momentum=self.cfg.momentum, weight_decay=new["weight_decay"])
+        if self.ema and state.get("ema"):
+            self.ema.model.load_state_dict(state["ema"])
+        elif self.ema:
+            self.ema = WeightAverage(self.model, self.cfg.ema_decay)
+            log(f"  The weight average starts now, from the weights of epoch {self.epoch + 1}.")
         if self.epoch >= self.cfg.epochs:
             return  # finished; run() says so
         log(f"Resuming {self.cfg.output_dir}: epoch {self.epoch + 1}, "
@@ -474,7 +516,8 @@ class Trainer:
             changed["processes"] = (state["world_size"], RT.world_size)
         for key, (old, new) in changed.items():
             log(f"  {key}: {old} -> {new}; the new value applies from here on.")
-        if changed.keys() & {"epochs", "lr", "pct_start", "div_factor", "final_div_factor", "batch_size", "processes"}:
+        if changed.keys() & {"epochs", "lr", "lr_reference_batch", "schedule", "pct_start", "warmup_epochs",
+                             "div_factor", "final_div_factor", "batch_size", "processes"}:
             log(f"  The LR schedule is recomputed for {self.cfg.epochs} epochs; the LR now is "
                 f"{self.lr_at(self.global_step()):.4g}.")
         if changed.keys() & {"batch_size", "processes"} and self.samples_done:
@@ -511,6 +554,8 @@ class Trainer:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            if self.ema:
+                self.ema.update(self.model, self.global_step())
             top1, top5 = accuracy_counts(logits.detach(), labels)
             sums += torch.stack([loss.detach().double() * len(labels), top1.double(), top5.double(),
                                  torch.tensor(float(len(labels)), device=device),
@@ -534,10 +579,12 @@ class Trainer:
             seen = epoch_sums[3].item()
             bar.update(i + 1 - synced_steps)
             images_per_second = (i + 1 - synced_steps) * self.sampler.global_batch / (now - last_sync)
-            bar.set_postfix(loss=f"{epoch_sums[0].item() / seen:.3f}", top1=f"{100 * epoch_sums[1].item() / seen:.1f}%",
-                            lr=f"{lr:.3g}", img_s=f"{images_per_second:.0f}")
             synced_steps, last_sync = i + 1, now
             seconds = self.carried_seconds + now - started
+            money = {"usd": f"{self.cfg.usd_per_hour * (self.seconds_spent() + seconds) / 3600:.2f}"
+                     } if self.cfg.usd_per_hour else {}
+            bar.set_postfix(loss=f"{epoch_sums[0].item() / seen:.3f}", top1=f"{100 * epoch_sums[1].item() / seen:.1f}%",
+                            lr=f"{lr:.3g}", img_s=f"{images_per_second:.0f}", **money)
             if packet[5] > 0 or packet[6] > 0:
                 self.save(epoch_sums, seconds)
                 last_save = time.monotonic()
@@ -550,10 +597,15 @@ class Trainer:
         return "done"
 
     def evaluate(self) -> dict:
+        models = [self.model] + ([self.ema.model] if self.ema else [])
         if RT.world_size > 1:  # BN statistics drift apart per rank; evaluate and save rank 0's everywhere
-            for buffer in self.model.buffers():
+            for buffer in (b for m in models for b in m.buffers()):
                 dist.broadcast(buffer, 0)
-        return evaluate(self.model, self.val_loader, self.normalize, self.amp_dtype)
+        metrics = evaluate(self.model, self.val_loader, self.normalize, self.amp_dtype, self.cfg.eval_flip)
+        if self.ema:
+            ema = evaluate(self.ema.model, self.val_loader, self.normalize, self.amp_dtype, self.cfg.eval_flip)
+            metrics.update({f"ema_{k}": ema[k] for k in ("val_loss", "val_acc1", "val_acc5")})
+        return metrics
 
     def check_ranks_agree(self) -> None:
         """DDP keeps replicas identical by construction; verify it once per epoch, it costs one all-gather."""
@@ -568,10 +620,14 @@ class Trainer:
                                f"{[g.item() for g in gathered]}")
         log(f"Weights identical on all {RT.world_size} ranks (fingerprint {fingerprint.item():.12g}).")
 
+    def seconds_spent(self) -> float:
+        """Training plus validation time of the finished epochs."""
+        return sum(r["epoch_seconds"] + r.get("val_seconds", 0.0) for r in self.history)
+
     def time_and_cost(self, last: dict) -> str:
         """Time spent and to go (training plus validation, projected from the last epoch), and what that
         costs at --usd-per-hour."""
-        spent = sum(r["epoch_seconds"] + r.get("val_seconds", 0.0) for r in self.history)
+        spent = self.seconds_spent()
         to_go = (self.cfg.epochs - self.epoch) * (last["epoch_seconds"] + last["val_seconds"])
         text = f"{format_duration(spent)} so far, about {format_duration(to_go)} to go"
         if self.cfg.usd_per_hour:
@@ -584,7 +640,8 @@ class Trainer:
         out = Path(cfg.output_dir)
         log(f"Training {cfg.arch} on {RT.world_size} x {RT.device.type} ({self.precision}), "
             f"{cfg.batch_size} images per process per step, {self.sampler.steps_per_epoch()} steps per epoch, "
-            f"peak LR {cfg.lr}, {cfg.epochs} epochs. Outputs: {out}")
+            f"recipe {cfg.recipe}: {cfg.schedule} schedule to peak LR {self.peak_lr:.4g}, {cfg.epochs} epochs. "
+            f"Outputs: {out}")
         while self.epoch < cfg.epochs:
             if self.train_epoch() == "stop":
                 log(f"Stopped by {self.stop.signal_name}; checkpoint saved at epoch {self.epoch + 1}, "
@@ -615,7 +672,9 @@ class Trainer:
                                      f"command: it writes the missing row and continues.") from err
             log(f"epoch {row['epoch']}/{cfg.epochs}: train loss {row['train_loss']:.4f} top-1 "
                 f"{row['train_acc1']:.2f}% | val loss {row['val_loss']:.4f} top-1 {row['val_acc1']:.2f}% "
-                f"top-5 {row['val_acc5']:.2f}% on {row['val_images']:,} images | {row['epoch_seconds']:.0f} s, "
+                f"top-5 {row['val_acc5']:.2f}% on {row['val_images']:,} images"
+                + (f" (weight average: top-1 {row['ema_val_acc1']:.2f}%)" if self.ema else "")
+                + f" | {row['epoch_seconds']:.0f} s, "
                 f"{row['images_per_second']:.0f} img/s | {self.time_and_cost(row)}"
                 + (f" | {row['skipped_images']} unreadable images skipped" if row["skipped_images"] else ""))
             stop_votes = all_reduce(torch.tensor([float(self.stop.signal_name is not None)], device=RT.device))

@@ -13,7 +13,10 @@ from conftest import FAST, run_train, train_cmd
 from checkpoint import LATEST
 
 # Save at every sync point (every 3 steps) so kills land mid-epoch; the same flags for every run compared.
-ARGS = [*FAST, "--epochs", "2", "--checkpoint-minutes", "0.0001", "--log-every", "3"]
+# The fast recipe's pieces (a warm-up schedule, no decay on 1-D parameters, label smoothing, flip TTA) and the
+# weight average are on, so their state is covered too.
+ARGS = [*FAST, "--epochs", "2", "--checkpoint-minutes", "0.0001", "--log-every", "3", "--schedule", "linear",
+        "--warmup-epochs", "0.5", "--no-bias-decay", "--label-smoothing", "0.1", "--eval-flip", "--ema-decay", "0.95"]
 
 
 def final_state(out):
@@ -48,13 +51,15 @@ def assert_same_run(out, reference):
     assert ours["model"].keys() == theirs["model"].keys()
     for name, tensor in theirs["model"].items():
         assert torch.equal(ours["model"][name], tensor), name
+    for name, tensor in theirs["ema"].items():
+        assert torch.equal(ours["ema"][name], tensor), f"ema {name}"
     assert ours["optimizer"]["state"].keys() == theirs["optimizer"]["state"].keys()
     for key, value in theirs["optimizer"]["state"].items():
         assert torch.equal(ours["optimizer"]["state"][key]["momentum_buffer"], value["momentum_buffer"])
     rows, expected = metrics(out), metrics(reference)
     assert [r["epoch"] for r in rows] == ["1", "2"]
     for row, exp in zip(rows, expected, strict=True):
-        for column in ("val_loss", "val_acc1", "val_acc5", "train_acc1", "train_acc5", "train_images"):
+        for column in ("val_loss", "val_acc1", "val_acc5", "train_acc1", "train_acc5", "train_images", "ema_val_acc1"):
             assert row[column] == exp[column], column
         assert float(row["train_loss"]) == pytest.approx(float(exp["train_loss"]), rel=1e-12)
 

@@ -6,7 +6,8 @@ import torch
 from conftest import FAST, run_train
 
 from checkpoint import LATEST, PREVIOUS
-from train import onecycle_lr, parse_config
+from recipes import onecycle_lr
+from train import parse_config
 
 
 def read_metrics(out):
