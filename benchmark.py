@@ -27,6 +27,7 @@ from PIL import Image
 
 from data import ImageFolderDataset, TrainBatchSampler, make_loader, usable_cores
 from dataset_paths import check_layout
+from gpu_decode import DeviceBatchDecoder, EncodedImageFolderDataset, collate_encoded
 from model import resnet50
 
 RESULTS: list[dict] = []
@@ -129,17 +130,19 @@ def compute(args) -> dict:
 
 # ------------------------------------------------------------------------------------------------- loader
 
-def time_loader(loader, seconds: float, warmup_batches: int = 3) -> float:
+def time_loader(loader, seconds: float, warmup_batches: int = 3, finish=None) -> float:
+    """img/s of `loader`; finish(images), if given, is the work the training process still does per batch."""
     def endless():  # small folders end an epoch within the measurement; start the next one at once
         while True:
-            yield from loader
+            for inputs, *_ in loader:
+                yield finish(inputs) if finish else inputs
 
     batches = endless()
     for _ in range(warmup_batches):  # worker start-up is not throughput
         next(batches)
     images, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        images += len(next(batches)[0])
+        images += len(next(batches))
     return images / (time.perf_counter() - start)
 
 
@@ -148,17 +151,32 @@ def loader(args) -> None:
 
     root = Path(args.data_dir) / "train"
     classes = check_layout(args.data_dir).classes
-    ours = ImageFolderDataset(root, classes, True, args.image_size, seed=0)
+    dataset = EncodedImageFolderDataset if args.decode == "gpu" else ImageFolderDataset
+    ours = dataset(root, classes, True, args.image_size, seed=0)
     sampler = TrainBatchSampler(len(ours), args.batch_size, 0, 1, seed=0)
-    project = make_loader(ours, sampler, args.workers, pin_memory=torch.cuda.is_available())
+    if args.decode == "gpu":  # workers read files; decode, crop and normalization happen on the device
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        project = make_loader(ours, sampler, args.workers, pin_memory=False, collate_fn=collate_encoded)
+        decode = DeviceBatchDecoder(device)
+
+        def finish(batch):
+            images = decode(batch)
+            if device.type == "cuda":
+                torch.cuda.synchronize()  # the batch counts once the device has made it
+            return images
+
+        project_row = {"pipeline": "project-gpu-decode", "decode_device": device.type}
+    else:
+        project = make_loader(ours, sampler, args.workers, pin_memory=torch.cuda.is_available())
+        finish, project_row = None, {"pipeline": "project"}
     reference_set = torchvision.datasets.ImageFolder(root, transforms.Compose([
         transforms.RandomResizedCrop(args.image_size), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
         transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]))
     reference = torch.utils.data.DataLoader(reference_set, args.batch_size, shuffle=True, num_workers=args.workers,
                                             pin_memory=torch.cuda.is_available(), drop_last=True)
-    for name, dl in (("project", project), ("torchvision", reference)):
-        img_s = time_loader(dl, args.seconds)
-        report(args, what="loader", pipeline=name, workers=args.workers, img_s=round(img_s, 1),
+    for row, dl, done in ((project_row, project, finish), ({"pipeline": "torchvision"}, reference, None)):
+        img_s = time_loader(dl, args.seconds, finish=done)
+        report(args, what="loader", **row, workers=args.workers, img_s=round(img_s, 1),
                img_s_per_worker=round(img_s / max(args.workers, 1), 1), image_size=args.image_size)
 
 
@@ -170,6 +188,7 @@ def train(args) -> None:
     cfg = train_script.parse_config(["--data-dir", str(args.data_dir), "--batch-size", str(args.batch_size),
                                      "--image-size", str(args.image_size), "--workers", str(args.workers),
                                      "--precision", args.precision, *(["--compile"] if args.compile else []),
+                                     "--decode", args.decode,
                                      # Nothing is saved: checkpoints are due only after 10 minutes.
                                      "--output-dir", "/nonexistent"])
     train_script.RT = train_script.setup_distributed(train_script.resolve_device(cfg.device))
@@ -188,7 +207,7 @@ def train(args) -> None:
     img_s = measured_steps * trainer.sampler.global_batch / sum(timings[1:])
     row = {"what": "train", "img_s": round(img_s, 1), "steps": measured_steps, "batch_size": args.batch_size,
            "image_size": args.image_size, "workers": args.workers, "precision": trainer.precision,
-           "compile": args.compile}
+           "compile": args.compile, "decode": args.decode}
     args.precision, args.channels_last = trainer.precision, trainer.normalize.device.type == "cuda"
     compute_only = time_train_steps(resnet50(len(trainer.classes)), args, trainer.normalize.device, 30)
     report(args, **row, compute_only_img_s=round(compute_only, 1), ratio=round(img_s / compute_only, 3))
@@ -216,6 +235,10 @@ def main() -> None:
         sub.choices[name].add_argument("--data-dir", type=Path, required=True)
         sub.choices[name].add_argument("--workers", type=int, default=max(1, usable_cores() - 1))
     sub.choices["loader"].add_argument("--seconds", type=float, default=20)
+    for name in ("loader", "train"):
+        sub.choices[name].add_argument("--decode", choices=["cpu", "gpu"], default="cpu",
+                                       help="gpu: workers read files, batches are decoded on cuda (loader: on the "
+                                            "cpu without one; train: train.py --decode)")
     sub.choices["train"].add_argument("--steps", type=int, default=100)
     args = parser.parse_args()
     if args.json:

@@ -137,7 +137,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def load(self, epoch: int, index: int) -> np.ndarray:
+    def load(self, epoch: int, index: int) -> torch.Tensor:
         if self.train:
             rng = sample_rng(self.seed, epoch, index)
             img = decode_region(self.paths[index],
@@ -148,7 +148,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         else:
             img = decode_region(self.paths[index], lambda w, h: center_crop_box(w, h, self.image_size),
                                 self.image_size)
-        return np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy needs one
+        return torch.from_numpy(np.array(img, dtype=np.uint8))  # a writable copy: torch.from_numpy needs one
 
     def __getitem__(self, item: tuple[int, int]):
         """Returns (HWC uint8 image, label, descriptions of the unreadable files met on the way).
@@ -162,7 +162,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         for attempt in range(MAX_CONSECUTIVE_BAD if self.train else 1):
             i = (index + attempt) % len(self.labels)
             try:
-                return torch.from_numpy(self.load(epoch, i)), int(self.labels[i]), skipped
+                return self.load(epoch, i), int(self.labels[i]), skipped
             except BAD_IMAGE_ERRORS as err:
                 folder = os.path.dirname(os.fsdecode(self.paths[i]))
                 if isinstance(err, FileNotFoundError) and not os.path.isdir(folder):
@@ -222,9 +222,9 @@ class ValBatchSampler:
 
 
 def make_loader(dataset, batch_sampler, workers: int, pin_memory: bool,
-                worker_init_fn=None) -> torch.utils.data.DataLoader:
+                worker_init_fn=None, collate_fn=collate) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(
-        dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate, pin_memory=pin_memory,
+        dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate_fn, pin_memory=pin_memory,
         worker_init_fn=worker_init_fn, prefetch_factor=4 if workers > 0 else None,
         # Workers live for one pass over the loader. Persistent workers would save a second per epoch but
         # outlive the loop that uses them, and a process that exits while they run must kill them.

@@ -39,6 +39,7 @@ from data import (
     Normalizer,
     TrainBatchSampler,
     ValBatchSampler,
+    collate,
     make_demo_dataset,
     make_loader,
     usable_cores,
@@ -51,6 +52,7 @@ from dataset_paths import (
     DatasetLayoutError,
     check_layout,
 )
+from gpu_decode import DeviceBatchDecoder, EncodedImageFolderDataset, collate_encoded
 from model import ARCHITECTURES
 from recipes import (
     INSTANCE_PRICES,
@@ -104,6 +106,9 @@ class Config:
                               action=argparse.BooleanOptionalAction)
     min_crop_scale: float = setting(0.08, "smallest fraction of the image area a random training crop keeps")
     workers: int = setting(-1, "loader processes per GPU; -1: the CPU cores divided among the local processes")
+    decode: str = setting("cpu", "where JPEGs are decoded: cpu = in the loader workers; gpu = workers only read the "
+                                 "files, batches are decoded, cropped and resized on the GPU (falls back to cpu "
+                                 "without one)", choices=["cpu", "gpu"])
     device: str = setting("auto", "cuda if available, else cpu", choices=["auto", "cuda", "cpu"])
     precision: str = setting("auto", "auto: bf16 where the GPU supports it, else fp16 with loss scaling; fp32 on CPU",
                              choices=["auto", "bf16", "fp16", "fp32"])
@@ -203,6 +208,11 @@ def resolve_device(requested: str) -> str:
 
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def decode_on_device(requested: str, device: torch.device) -> bool:
+    """--decode gpu takes effect where there is a GPU to decode on."""
+    return requested == "gpu" and device.type == "cuda"
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
@@ -353,7 +363,7 @@ def accuracy_counts(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, normalize: Normalizer, amp_dtype: torch.dtype | None,
+def evaluate(model: torch.nn.Module, loader, normalize: Normalizer | DeviceBatchDecoder, amp_dtype: torch.dtype | None,
              flip: bool = False) -> dict:
     """Loss, top-1 and top-5 over this rank's share of `loader`, summed over all ranks: exact counts, no
     padded duplicates. flip=True averages the logits of each image and its mirror image."""
@@ -362,10 +372,10 @@ def evaluate(model: torch.nn.Module, loader, normalize: Normalizer, amp_dtype: t
     model.eval()
     sums = torch.zeros(5, dtype=torch.float64, device=device)
     for images, labels, skipped in loader:
+        x = normalize(images)  # first: decoding on the device may blank images and relabel them -1
+        labels = labels.to(device, non_blocking=True)
         for line in skipped:
             log(f"Skipped an unreadable val image: {line}")
-        labels = labels.to(device, non_blocking=True)
-        x = normalize(images)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(x).float()
             if flip:
@@ -411,19 +421,26 @@ class Trainer:
             # Compute threads spin while they wait for each other; sharing cores with loader workers or
             # other ranks makes them over ten times slower (measured on 2 cores), so give each its own.
             torch.set_num_threads(max(1, cores - workers))
-        self.train_set = ImageFolderDataset(root / "train", classes, True, cfg.image_size, cfg.seed,
-                                            cfg.min_crop_scale, cfg.start_image_size, cfg.epochs)
-        val_set = ImageFolderDataset(root / "val", classes, False, cfg.eval_image_size or cfg.image_size, cfg.seed)
+        on_device = decode_on_device(cfg.decode, device)
+        if cfg.decode == "gpu" and not on_device:
+            log("--decode gpu: there is no GPU, so the loader workers decode the JPEGs (--decode cpu).")
+        dataset = EncodedImageFolderDataset if on_device else ImageFolderDataset
+        self.train_set = dataset(root / "train", classes, True, cfg.image_size, cfg.seed, cfg.min_crop_scale,
+                                 cfg.start_image_size, cfg.epochs)
+        val_set = dataset(root / "val", classes, False, cfg.eval_image_size or cfg.image_size, cfg.seed)
         self.sampler = TrainBatchSampler(len(self.train_set), cfg.batch_size, RT.rank, RT.world_size, cfg.seed)
         if self.sampler.steps_per_epoch() == 0:
             raise UsageError(f"The training set has {len(self.train_set)} images, fewer than one global batch "
                              f"({cfg.batch_size} x {RT.world_size} processes); lower --batch-size.")
-        pin = device.type == "cuda"
-        self.train_loader = make_loader(self.train_set, self.sampler, workers, pin, worker_signal_handling)
+        # The device decoder corrects labels in place (an undecodable file), which pinned copies would not
+        # show; file bytes gain nothing from pinning anyway.
+        pin, collate_fn = (False, collate_encoded) if on_device else (device.type == "cuda", collate)
+        self.train_loader = make_loader(self.train_set, self.sampler, workers, pin, worker_signal_handling, collate_fn)
         self.val_loader = make_loader(val_set, ValBatchSampler(len(val_set), cfg.batch_size, RT.rank, RT.world_size),
-                                      workers, pin, worker_signal_handling)
+                                      workers, pin, worker_signal_handling, collate_fn)
         self.val_images = len(val_set)
-        self.normalize = Normalizer(device)
+        # Batches on the device, normalized: from uint8 images (workers decoded) or from file bytes.
+        self.normalize = DeviceBatchDecoder(device) if on_device else Normalizer(device)
         self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.stop = StopRequest()
         self.history: list[dict] = []
@@ -541,12 +558,13 @@ class Trainer:
         started = last_sync = time.perf_counter()
         last_save, synced_steps = time.monotonic(), 0
         for i, (images, labels, skipped) in enumerate(self.train_loader):
+            x = self.normalize(images)  # first: decoding on the device may replace images, labels and skipped
+            labels = labels.to(device, non_blocking=True)
             for line in skipped:
                 log(f"Skipped an unreadable training image: {line}")
             lr = self.lr_at(self.global_step())
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            x, labels = self.normalize(images), labels.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 logits = self.step_model(x)
                 loss = self.criterion(logits, labels)

@@ -1,0 +1,297 @@
+"""The GPU-decode input path, run on the CPU device: same augmentation as the CPU path, pixels within a
+measured tolerance of it, odd and broken files handled and counted the same way."""
+
+import csv
+import dataclasses
+import io
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAST, REPO, add_odd_images
+from PIL import Image
+from sklearn.datasets import load_sample_image
+
+from data import (
+    ImageFolderDataset,
+    Normalizer,
+    TrainBatchSampler,
+    center_crop_box,
+    collate,
+    decode_region,
+    make_loader,
+    random_resized_crop_box,
+    sample_rng,
+)
+from gpu_decode import (
+    DeviceBatchDecoder,
+    EncodedImage,
+    EncodedImageFolderDataset,
+    collate_encoded,
+    is_complete_jpeg,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
+
+CPU = torch.device("cpu")
+SIZE, SEED, MIN_SCALE = 64, 3, 0.08
+# Mean absolute difference to the CPU path in normalized units (1.0 = one standard deviation, about 57 of 255
+# levels). Measured over these 66 crops at 64 px: at most 0.14 per image, 0.06 averaged over the batch; the
+# CPU path's reduced-size JPEG decode alone accounts for most of it. A missing flip gives at least 0.27 per
+# image, swapped channels 0.30, the box of another epoch 0.39, and a crop shifted by 4 px 0.45 on average.
+IMAGE_TOLERANCE, BATCH_TOLERANCE = 0.2, 0.1
+CLASSES = ["china", "flower"]
+# (photo, region of it, saved size): textured crops, portrait and landscape, one with a side over 1024 px.
+PHOTOS = [("china", (0, 0, 640, 427), (640, 427)), ("china", (100, 50, 400, 250), (300, 200)),
+          ("china", (0, 150, 300, 427), (200, 300)), ("flower", (0, 0, 640, 427), (500, 375)),
+          ("flower", (0, 0, 640, 427), (1400, 934)), ("flower", (200, 100, 500, 400), (375, 375))]
+
+
+def jpeg_bytes(photo: str, size=(640, 427)) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(load_sample_image(f"{photo}.jpg")).resize(size).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def broken_scan_jpeg() -> bytes:
+    """Header, image data and end marker all present, but the scan names a component the frame lacks: only
+    a full decode finds out, so it passes the workers' checks and fails on the decoding device."""
+    data = bytearray(jpeg_bytes("china"))
+    data[data.index(b"\xff\xda") + 5] = 9
+    return bytes(data)
+
+
+@pytest.fixture(scope="module")
+def photos_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("photos")
+    sources = {name: Image.fromarray(load_sample_image(f"{name}.jpg")) for name in CLASSES}
+    for i, (name, region, size) in enumerate(PHOTOS):
+        for split in ("train", "val"):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            sources[name].crop(region).resize(size, Image.Resampling.BICUBIC).save(folder / f"{i}.JPEG", quality=90)
+    return root
+
+
+@pytest.fixture(scope="module")
+def odd_dir(tmp_path_factory):
+    """One class folder: PNG, CMYK, grayscale, three broken files (conftest's), a JPEG cut in half, one with a
+    broken scan, and a good photo last."""
+    root = tmp_path_factory.mktemp("odd")
+    folder = root / "train" / "n000"
+    folder.mkdir(parents=True)
+    add_odd_images(folder)
+    data = jpeg_bytes("flower")
+    (folder / "odd_g_half.JPEG").write_bytes(data[:len(data) // 2])
+    (folder / "odd_h_broken_scan.JPEG").write_bytes(broken_scan_jpeg())
+    (folder / "z_good.JPEG").write_bytes(data)
+    shutil.copytree(root / "train", root / "val")
+    return root
+
+
+def datasets(root, train, **kwargs):
+    classes = sorted(p.name for p in (root / "train").iterdir())
+    split = root / ("train" if train else "val")
+    return (ImageFolderDataset(split, classes, train, SIZE, SEED, MIN_SCALE, **kwargs),
+            EncodedImageFolderDataset(split, classes, train, SIZE, SEED, MIN_SCALE, **kwargs))
+
+
+def both_paths(cpu_set, encoded_set, items, decoder=None):
+    """(CPU path batch, GPU-decode path batch) as the training loop sees them, normalized on the CPU."""
+    cpu_images, cpu_labels, cpu_skipped = collate([cpu_set[item] for item in items])
+    batch, labels, skipped = collate_encoded([encoded_set[item] for item in items])
+    images = (decoder or DeviceBatchDecoder(CPU))(batch)
+    return (Normalizer(CPU)(cpu_images), cpu_labels, cpu_skipped), (images, labels, skipped)
+
+
+def per_image_error(a, b):
+    return (a - b).abs().mean(dim=(1, 2, 3))
+
+
+def names(skipped):
+    return sorted(s.split(" ")[0].rsplit("/", 1)[1] for s in skipped)
+
+
+def test_crop_box_and_flip_are_the_cpu_paths(photos_dir):
+    cpu_set, encoded_set = datasets(photos_dir, train=True)
+    flips = set()
+    for epoch in range(4):
+        for index in range(len(encoded_set)):
+            record = encoded_set.load(epoch, index)
+            with Image.open(record.path) as img:
+                width, height = img.size
+            rng = sample_rng(SEED, epoch, index)
+            box = random_resized_crop_box(rng, width, height, MIN_SCALE)
+            flip = rng.random() < 0.5
+            assert record.box == box and record.flip == flip and record.size == SIZE
+            # ...and that box and flip are exactly what the CPU path used.
+            expected = decode_region(cpu_set.paths[index], lambda w, h, box=box: box, SIZE)
+            if flip:
+                expected = expected.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            assert torch.equal(cpu_set.load(epoch, index), torch.from_numpy(np.array(expected)))
+            flips.add(flip)
+    assert flips == {True, False}
+    cpu_val, encoded_val = datasets(photos_dir, train=False)
+    for index in range(len(encoded_val)):
+        record = encoded_val.load(5, index)
+        with Image.open(record.path) as img:
+            assert record.box == center_crop_box(*img.size, SIZE) and not record.flip
+        expected = decode_region(cpu_val.paths[index], lambda w, h: center_crop_box(w, h, SIZE), SIZE)
+        assert torch.equal(cpu_val.load(5, index), torch.from_numpy(np.array(expected)))
+
+
+@pytest.mark.parametrize("max_side", [1024, 128])  # 128: every crop is downscaled on its own first
+def test_decoded_batches_match_the_cpu_path_within_the_measured_tolerance(photos_dir, max_side):
+    errors, flipped, swapped, other_box = [], [], [], []
+    for train, epochs in ((True, range(10)), (False, [0])):
+        cpu_set, encoded_set = datasets(photos_dir, train)
+        decoder = DeviceBatchDecoder(CPU, max_side=max_side)
+        for epoch in epochs:
+            items = [(epoch, i) for i in range(len(cpu_set))]
+            (expected, cpu_labels, _), (images, labels, skipped) = both_paths(cpu_set, encoded_set, items, decoder)
+            assert torch.equal(labels, cpu_labels) and skipped == []
+            errors.append(per_image_error(images, expected))
+            flipped.append(per_image_error(images.flip(3), expected))
+            swapped.append(per_image_error(images.flip(1), expected))  # RGB <-> BGR
+            if train:  # the crop box of the next epoch, everything else the same
+                batch = collate_encoded([
+                    (dataclasses.replace(encoded_set[item][0], box=encoded_set[(epoch + 1, item[1])][0].box), 0, [])
+                    for item in items])[0]
+                other_box.append(per_image_error(decoder(batch), expected))
+            shift = per_image_error(torch.roll(images, SIZE // 16, 3), expected)
+            assert shift.mean() > BATCH_TOLERANCE
+    errors = torch.cat(errors)
+    assert errors.max() < IMAGE_TOLERANCE and errors.mean() < BATCH_TOLERANCE
+    assert all(torch.cat(wrong).min() > IMAGE_TOLERANCE for wrong in (flipped, swapped, other_box))
+
+
+def test_odd_files_take_the_cpu_route_and_broken_ones_are_counted_like_the_cpu_path(odd_dir):
+    cpu_set, encoded_set = datasets(odd_dir, train=True)
+    files = [p.rsplit(b"/", 1)[1].decode() for p in encoded_set.paths]
+    assert files[:3] == ["odd_a_png.JPEG", "odd_b_cmyk.JPEG", "odd_c_gray.JPEG"]
+    for index in range(3):  # not RGB JPEGs: decoded in the worker, exactly as the CPU path does
+        assert torch.equal(encoded_set.load(0, index), cpu_set.load(0, index))
+    with pytest.raises(OSError):  # the half file has a good header but no end marker: the CPU path rejects it
+        encoded_set.load(0, files.index("odd_g_half.JPEG"))
+    assert isinstance(encoded_set.load(0, files.index("odd_h_broken_scan.JPEG")), EncodedImage)
+    data = jpeg_bytes("flower")
+    assert is_complete_jpeg(data + b"\0" * 16 + b"\r\n") and not is_complete_jpeg(data[:-2])
+
+    items = [(0, i) for i in range(len(cpu_set))]
+    (expected, cpu_labels, cpu_skipped), (images, labels, skipped) = both_paths(cpu_set, encoded_set, items)
+    # Every broken file is met (and reported) as often as in the CPU path: the worker finds the empty, text
+    # and truncated ones, the device decoder the broken scan; both substitute the good photo.
+    assert names(skipped) == names(cpu_skipped) and len(skipped) == 15
+    assert torch.equal(labels, cpu_labels)
+    assert torch.equal(images[:3], expected[:3])
+    assert per_image_error(images[3:], expected[3:]).max() < IMAGE_TOLERANCE
+
+    cpu_val, encoded_val = datasets(odd_dir, train=False)
+    (expected, cpu_labels, cpu_skipped), (images, labels, skipped) = both_paths(cpu_val, encoded_val, items)
+    assert labels.tolist() == cpu_labels.tolist() == [0, 0, 0, -1, -1, -1, -1, -1, 0]
+    assert names(skipped) == names(cpu_skipped) and len(skipped) == 5
+    assert torch.equal(images[:-1], expected[:-1])  # the odd files and the blanks, to the bit
+    assert per_image_error(images[-1:], expected[-1:]).max() < IMAGE_TOLERANCE
+
+
+def test_output_is_normalized_float_channels_last_at_the_epochs_size(odd_dir):
+    _, encoded_set = datasets(odd_dir, train=True, start_image_size=32, epochs=3)
+    decoder = DeviceBatchDecoder(CPU)
+    for epoch, size in enumerate([32, 48, 64]):
+        batch, _, _ = collate_encoded([encoded_set[(epoch, i)] for i in range(len(encoded_set))])
+        assert len(batch.lengths) > 0 and len(batch.decoded) > 0  # both routes in the batch
+        images = decoder(batch)
+        assert images.shape == (len(encoded_set), 3, size, size) and images.dtype == torch.float32
+        assert images.device == CPU and images.is_contiguous(memory_format=torch.channels_last)
+        assert -2.2 < images.min() and images.max() < 2.7  # (0 - mean) / std ... (1 - mean) / std
+
+
+def test_a_loader_with_a_worker_delivers_the_same_batches(photos_dir):
+    _, encoded_set = datasets(photos_dir, train=True)
+    decoder = DeviceBatchDecoder(CPU)
+    out = {}
+    for workers in (0, 1):
+        sampler = TrainBatchSampler(len(encoded_set), 2, 0, 1, seed=SEED)
+        sampler.set_epoch(2)
+        out[workers] = []
+        for batch, labels, skipped in make_loader(encoded_set, sampler, workers, False, collate_fn=collate_encoded):
+            # The decoder's corrections must reach what the loop holds, across the worker's pickling too.
+            assert labels is batch.labels and skipped is batch.skipped
+            out[workers].append((decoder(batch), labels))
+    assert len(out[1]) == 3
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(out[0], out[1], strict=True))
+    with pytest.raises(RuntimeError, match="pin_memory=False"):
+        batch.pin_memory()
+
+
+def test_files_the_decoder_rejects_fall_back_to_pil_or_are_replaced(tmp_path, monkeypatch):
+    import gpu_decode
+
+    for split in ("train", "val"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        (tmp_path / split / "b").mkdir(parents=True)
+        (tmp_path / split / "a" / "0.JPEG").write_bytes(jpeg_bytes("china"))
+        (tmp_path / split / "a" / "1.JPEG").write_bytes(broken_scan_jpeg())
+        (tmp_path / split / "b" / "2.JPEG").write_bytes(jpeg_bytes("flower", (1200, 800)))
+    # Pretend the device decoder cannot read the flower, which PIL can: the batched call fails anyway
+    # because of the broken scan, then each file is decoded on its own.
+    flower_length = len(jpeg_bytes("flower", (1200, 800)))
+    real_decode_jpeg = gpu_decode.decode_jpeg
+
+    def decode_jpeg(data, **kwargs):
+        if isinstance(data, torch.Tensor) and len(data) == flower_length:
+            raise RuntimeError("unsupported by this decoder")
+        return real_decode_jpeg(data, **kwargs)
+
+    monkeypatch.setattr(gpu_decode, "decode_jpeg", decode_jpeg)
+    items = [(0, i) for i in range(3)]
+    cpu_set, encoded_set = datasets(tmp_path, train=True)
+    with pytest.warns(RuntimeWarning, match="2.JPEG .*decoded it with PIL"):
+        (expected, _, _), (images, labels, skipped) = both_paths(cpu_set, encoded_set, items)
+    assert names(skipped) == ["1.JPEG"]
+    assert labels.tolist() == [0, 1, 1] and torch.equal(images[1], images[2])  # replaced by the next image
+    assert per_image_error(images[[0, 2]], expected[[0, 2]]).max() < IMAGE_TOLERANCE
+
+    cpu_val, encoded_val = datasets(tmp_path, train=False)
+    with pytest.warns(RuntimeWarning):
+        (expected, _, _), (images, labels, skipped) = both_paths(cpu_val, encoded_val, items)
+    assert names(skipped) == ["1.JPEG"] and labels.tolist() == [0, -1, 1]
+    assert torch.equal(images[1], Normalizer(CPU)(torch.zeros(1, SIZE, SIZE, 3, dtype=torch.uint8))[0])
+    assert per_image_error(images[[0, 2]], expected[[0, 2]]).max() < IMAGE_TOLERANCE
+
+
+def test_train_py_trains_on_device_decoded_batches_with_the_cpu_paths_counts(digits_dir, tmp_path):
+    """train.py's loop on the device-decode path (run on the CPU by forcing it on): it learns, and broken
+    files are skipped and counted exactly as the CPU path counts them (tests/test_faults.py)."""
+    from test_faults import expected_train_skips
+
+    data = tmp_path / "data"
+    shutil.copytree(digits_dir, data)
+    names = add_odd_images(data / "train" / "digit_3")
+    add_odd_images(data / "val" / "digit_7")
+    out = tmp_path / "run"
+    args = ["--data-dir", str(data), "--output-dir", str(out), *FAST, "--epochs", "4", "--decode", "gpu"]
+    force = f"import sys, train; train.decode_on_device = lambda *_: True; sys.exit(train.main({args!r}))"
+    result = subprocess.run([sys.executable, "-c", force], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "there is no GPU" not in result.stdout
+
+    train_names = sorted(p.name for p in (data / "train" / "digit_3").iterdir())
+    first = sum(len(list((data / "train" / f"digit_{c}").iterdir())) for c in range(3))
+    broken = {first + train_names.index(n) for n in names}
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["val_images"]) for r in rows] == [363] * 4
+    assert [int(r["skipped_images"]) for r in rows] == [expected_train_skips(1443, broken, e) + 3 for e in range(4)]
+    assert float(rows[-1]["val_acc1"]) > 50 > float(rows[0]["val_acc1"])
+
+
+def test_decode_gpu_without_a_gpu_falls_back_to_the_workers(digits_dir, tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), "--data-dir", str(digits_dir), "--output-dir",
+                             str(tmp_path / "run"), *FAST, "--epochs", "1", "--decode", "gpu"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "there is no GPU, so the loader workers decode the JPEGs" in result.stdout
