@@ -10,6 +10,8 @@ import pytest
 import torch
 from conftest import FAST, REPO, run_train
 
+from compare_recipes import PHOTOS, TRAIN_PER_CLASS, VAL_PER_CLASS, make_photo_patches
+from dataset_paths import check_layout
 from model import resnet50
 from recipes import INSTANCE_PRICES, RECIPES, STEP_MILESTONES, WeightAverage, learning_rate, parameter_groups, peak_lr
 from train import parse_config
@@ -158,3 +160,13 @@ def test_ema_and_flip_are_logged_and_evaluate_py_reproduces_both(digits_dir, tmp
     assert averaged["weight_average"] is True
     assert averaged["acc1"] == pytest.approx(float(last["ema_val_acc1"]), abs=1e-9)
     assert averaged["logged_val_acc1"] == pytest.approx(float(last["ema_val_acc1"]), abs=1e-9)
+
+
+def test_photo_patches_dataset_is_a_complete_imagenet_style_layout(tmp_path):
+    root = make_photo_patches(tmp_path / "patches")
+    layout = check_layout(root)
+    assert layout.classes == sorted(PHOTOS)
+    for name in PHOTOS:
+        assert len(list((root / "train" / name).iterdir())) == TRAIN_PER_CLASS
+        assert len(list((root / "val" / name).iterdir())) == VAL_PER_CLASS
+    assert make_photo_patches(root) == root  # a finished dataset is reused, not rewritten
