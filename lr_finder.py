@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import LATEST, PREVIOUS
-from data import ImageFolderDataset, Normalizer, TrainBatchSampler, make_demo_dataset, make_loader, usable_cores
+from data import TrainBatchSampler, make_demo_dataset, make_loader, usable_cores
 from dataset_paths import DEMO_DATA_DIR, DEMO_OUTPUT_DIR, REPO_DIR, DatasetLayoutError, check_layout
 from model import ARCHITECTURES
 from recipes import RECIPES, parameter_groups
@@ -34,6 +34,7 @@ from train import (
     Config,
     UsageError,
     add_config_argument,
+    input_pipeline,
     resolve_device,
     resolve_precision,
 )
@@ -42,7 +43,7 @@ DEFAULT_OUTPUT_DIR = REPO_DIR / "runs" / "lr_finder"
 DEMO_SWEEP_OUTPUT_DIR = REPO_DIR / "runs" / "lr_finder_demo"
 # train.py flags that change what the sweep measures; help texts and choices come from train.Config.
 SHARED_SETTINGS = ("data_dir", "recipe", "arch", "batch_size", "image_size", "min_crop_scale", "momentum",
-                   "weight_decay", "bias_decay", "label_smoothing", "workers", "device", "precision", "seed")
+                   "weight_decay", "bias_decay", "label_smoothing", "workers", "decode", "device", "precision", "seed")
 # The curve must fall at least this far below its starting level to show where learning happens. The second
 # bound is in standard deviations of the smoothed curve's noise: on demo sweeps too short to learn anything the
 # lowest point lay 1-4.2 of them below the start by chance, on sweeps that learned 8.9-46.
@@ -198,15 +199,14 @@ def run_sweep(cfg: Config, sweep: argparse.Namespace, classes: list[str], device
                                 momentum=cfg.momentum)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    train_set = ImageFolderDataset(Path(cfg.data_dir) / "train", classes, True, cfg.image_size, cfg.seed,
-                                   cfg.min_crop_scale)
+    dataset, collate_fn, pin, normalize = input_pipeline(cfg.decode, device)
+    train_set = dataset(Path(cfg.data_dir) / "train", classes, True, cfg.image_size, cfg.seed, cfg.min_crop_scale)
     sampler = TrainBatchSampler(len(train_set), cfg.batch_size, 0, 1, cfg.seed)
     if sampler.steps_per_epoch() == 0:
         raise UsageError(f"The training set has {len(train_set)} images, fewer than one batch ({cfg.batch_size}); "
                          f"lower --batch-size.")
     workers = cfg.workers if cfg.workers >= 0 else max(1, usable_cores() - 1)
-    loader = make_loader(train_set, sampler, workers, device.type == "cuda")
-    normalize = Normalizer(device)
+    loader = make_loader(train_set, sampler, workers, pin, collate_fn=collate_fn)
 
     def batches():  # as many epochs, in train.py's order, as the ramp needs
         for epoch in range(math.ceil(sweep.num_iter / sampler.steps_per_epoch())):
@@ -217,12 +217,13 @@ def run_sweep(cfg: Config, sweep: argparse.Namespace, classes: list[str], device
     smoother, bar = SmoothedLoss(sweep.smoothing), tqdm(total=sweep.num_iter, unit="step", file=sys.stdout)
     model.train()
     for lr, (images, labels, skipped) in zip(lrs, batches(), strict=False):
+        x = normalize(images)  # first: decoding on the device may replace images, labels and skipped
         for line in skipped:
             tqdm.write(f"Skipped an unreadable training image: {line}")
         for group in optimizer.param_groups:
             group["lr"] = lr
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = criterion(model(normalize(images)), labels.to(device, non_blocking=True))
+            loss = criterion(model(x), labels.to(device, non_blocking=True))
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -307,7 +308,7 @@ def check_output_dir(out: Path) -> None:
 def train_command(cfg: Config, explicit: dict, lr: float) -> str:
     flags = ["--demo"] if explicit.get("demo") else []
     for name in SHARED_SETTINGS:
-        if name in explicit and name not in ("workers", "device"):
+        if name in explicit and name not in ("workers", "decode", "device"):
             value = explicit[name]
             flag = "--" + ("" if value or not isinstance(value, bool) else "no-") + name.replace("_", "-")
             flags.append(flag if isinstance(value, bool) else f"{flag} {value}")

@@ -215,6 +215,18 @@ def decode_on_device(requested: str, device: torch.device) -> bool:
     return requested == "gpu" and device.type == "cuda"
 
 
+def input_pipeline(decode: str, device: torch.device):
+    """What --decode means on this device: (dataset class, collate function, pin_memory, the callable that
+    turns a collated batch into the model's normalized input on the device)."""
+    if decode_on_device(decode, device):
+        # The device decoder corrects labels in place (an undecodable file), which pinned copies would not
+        # show; file bytes gain nothing from pinning anyway.
+        return EncodedImageFolderDataset, collate_encoded, False, DeviceBatchDecoder(device)
+    if decode == "gpu":
+        log("--decode gpu: there is no GPU, so the loader workers decode the JPEGs (--decode cpu).")
+    return ImageFolderDataset, collate, device.type == "cuda", Normalizer(device)
+
+
 def resolve_precision(requested: str, device: torch.device) -> str:
     """auto: bf16 where the GPU has it, else fp16 (with loss scaling); fp32 on the CPU."""
     if device.type == "cpu":
@@ -421,10 +433,7 @@ class Trainer:
             # Compute threads spin while they wait for each other; sharing cores with loader workers or
             # other ranks makes them over ten times slower (measured on 2 cores), so give each its own.
             torch.set_num_threads(max(1, cores - workers))
-        on_device = decode_on_device(cfg.decode, device)
-        if cfg.decode == "gpu" and not on_device:
-            log("--decode gpu: there is no GPU, so the loader workers decode the JPEGs (--decode cpu).")
-        dataset = EncodedImageFolderDataset if on_device else ImageFolderDataset
+        dataset, collate_fn, pin, self.normalize = input_pipeline(cfg.decode, device)
         self.train_set = dataset(root / "train", classes, True, cfg.image_size, cfg.seed, cfg.min_crop_scale,
                                  cfg.start_image_size, cfg.epochs)
         val_set = dataset(root / "val", classes, False, cfg.eval_image_size or cfg.image_size, cfg.seed)
@@ -432,15 +441,10 @@ class Trainer:
         if self.sampler.steps_per_epoch() == 0:
             raise UsageError(f"The training set has {len(self.train_set)} images, fewer than one global batch "
                              f"({cfg.batch_size} x {RT.world_size} processes); lower --batch-size.")
-        # The device decoder corrects labels in place (an undecodable file), which pinned copies would not
-        # show; file bytes gain nothing from pinning anyway.
-        pin, collate_fn = (False, collate_encoded) if on_device else (device.type == "cuda", collate)
         self.train_loader = make_loader(self.train_set, self.sampler, workers, pin, worker_signal_handling, collate_fn)
         self.val_loader = make_loader(val_set, ValBatchSampler(len(val_set), cfg.batch_size, RT.rank, RT.world_size),
                                       workers, pin, worker_signal_handling, collate_fn)
         self.val_images = len(val_set)
-        # Batches on the device, normalized: from uint8 images (workers decoded) or from file bytes.
-        self.normalize = DeviceBatchDecoder(device) if on_device else Normalizer(device)
         self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.stop = StopRequest()
         self.history: list[dict] = []
