@@ -98,7 +98,7 @@ def evaluate_classifier(clf: Classifier, data_dir: Path, image_size: int, batch_
         # As train.py runs it: another memory layout picks other kernels, and in bf16 that moves near-ties.
         clf.model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
-    return train.evaluate(clf.model, loader, Normalizer(device), amp_dtype, flip=flip)
+    return train.evaluate([clf.model], loader, Normalizer(device), amp_dtype, flip=flip)[0]
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -375,32 +375,35 @@ def accuracy_counts(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, normalize: Normalizer | DeviceBatchDecoder, amp_dtype: torch.dtype | None,
-             flip: bool = False) -> dict:
-    """Loss, top-1 and top-5 over this rank's share of `loader`, summed over all ranks: exact counts, no
-    padded duplicates. flip=True averages the logits of each image and its mirror image."""
+def evaluate(models: list[torch.nn.Module], loader, normalize: Normalizer | DeviceBatchDecoder,
+             amp_dtype: torch.dtype | None, flip: bool = False) -> list[dict]:
+    """Loss, top-1 and top-5 of each model over this rank's share of `loader`, summed over all ranks: exact
+    counts, no padded duplicates. Several models share one pass over the data, so decoding is paid once.
+    flip=True averages the logits of each image and its mirror image."""
     device = normalize.device
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(5, dtype=torch.float64, device=device)
+    modes = [m.training for m in models]
+    for model in models:
+        model.eval()
+    sums = torch.zeros(len(models), 5, dtype=torch.float64, device=device)
     for images, labels, skipped in loader:
         x = normalize(images)  # first: decoding on the device may blank images and relabel them -1
         labels = labels.to(device, non_blocking=True)
         for line in skipped:
             log(f"Skipped an unreadable val image: {line}")
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(x).float()
-            if flip:
-                logits = (logits + model(x.flip(3)).float()) / 2
         good = labels >= 0
-        logits, labels = logits[good], labels[good]
-        top1, top5 = accuracy_counts(logits, labels)
-        sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(), top1.double(),
-                             top5.double(), good.sum().double(), (~good).sum().double()])
-    model.train(was_training)
-    loss, top1, top5, images, skipped = all_reduce(sums).tolist()
-    return {"val_loss": loss / max(images, 1), "val_acc1": 100 * top1 / max(images, 1),
-            "val_acc5": 100 * top5 / max(images, 1), "val_images": int(images), "val_skipped": int(skipped)}
+        for i, model in enumerate(models):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = model(x).float()
+                if flip:
+                    logits = (logits + model(x.flip(3)).float()) / 2
+            top1, top5 = accuracy_counts(logits[good], labels[good])
+            sums[i] += torch.stack([F.cross_entropy(logits[good], labels[good], reduction="sum").double(),
+                                    top1.double(), top5.double(), good.sum().double(), (~good).sum().double()])
+    for model, mode in zip(models, modes, strict=True):
+        model.train(mode)
+    return [{"val_loss": loss / max(images, 1), "val_acc1": 100 * top1 / max(images, 1),
+             "val_acc5": 100 * top5 / max(images, 1), "val_images": int(images), "val_skipped": int(skipped)}
+            for loss, top1, top5, images, skipped in all_reduce(sums).tolist()]
 
 
 class Trainer:
@@ -623,10 +626,9 @@ class Trainer:
         if RT.world_size > 1:  # BN statistics drift apart per rank; evaluate and save rank 0's everywhere
             for buffer in (b for m in models for b in m.buffers()):
                 dist.broadcast(buffer, 0)
-        metrics = evaluate(self.model, self.val_loader, self.normalize, self.amp_dtype, self.cfg.eval_flip)
-        if self.ema:
-            ema = evaluate(self.ema.model, self.val_loader, self.normalize, self.amp_dtype, self.cfg.eval_flip)
-            metrics.update({f"ema_{k}": ema[k] for k in ("val_loss", "val_acc1", "val_acc5")})
+        metrics, *ema = evaluate(models, self.val_loader, self.normalize, self.amp_dtype, self.cfg.eval_flip)
+        for averaged in ema:
+            metrics.update({f"ema_{k}": averaged[k] for k in ("val_loss", "val_acc1", "val_acc5")})
         return metrics
 
     def check_ranks_agree(self) -> None:
