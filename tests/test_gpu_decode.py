@@ -5,6 +5,7 @@ import csv
 import dataclasses
 import io
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -273,9 +274,8 @@ def test_train_py_trains_on_device_decoded_batches_with_the_cpu_paths_counts(dig
     names = add_odd_images(data / "train" / "digit_3")
     add_odd_images(data / "val" / "digit_7")
     out = tmp_path / "run"
-    args = ["--data-dir", str(data), "--output-dir", str(out), *FAST, "--epochs", "4", "--decode", "gpu"]
-    force = f"import sys, train; train.decode_on_device = lambda *_: True; sys.exit(train.main({args!r}))"
-    result = subprocess.run([sys.executable, "-c", force], cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(forced_device_decode("--data-dir", data, "--output-dir", out, *FAST, "--epochs", 4),
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "there is no GPU" not in result.stdout
 
@@ -295,3 +295,30 @@ def test_decode_gpu_without_a_gpu_falls_back_to_the_workers(digits_dir, tmp_path
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "there is no GPU, so the loader workers decode the JPEGs" in result.stdout
+
+
+def forced_device_decode(*args) -> list[str]:
+    """train.py with --decode gpu taking effect on the CPU device, as it would on a GPU."""
+    args = [str(a) for a in (*args, "--decode", "gpu")]
+    return [sys.executable, "-c", f"import sys, train; train.decode_on_device = lambda *_: True; "
+                                  f"sys.exit(train.main({args!r}))"]
+
+
+def test_device_decode_path_resumes_bit_identically_after_sigterm(digits_dir, tmp_path):
+    from test_resume import ARGS, assert_same_run, wait_for_new_checkpoint
+
+    reference = tmp_path / "uninterrupted"
+    done = subprocess.run(forced_device_decode("--data-dir", digits_dir, "--output-dir", reference, *ARGS),
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen(forced_device_decode("--data-dir", digits_dir, "--output-dir", out, *ARGS), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_new_checkpoint(out, proc, None)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Stopped by SIGTERM" in stdout, stderr
+    again = subprocess.run(forced_device_decode("--data-dir", digits_dir, "--output-dir", out, *ARGS),
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "Resuming" in again.stdout, again.stderr
+    assert_same_run(out, reference)
