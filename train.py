@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -141,7 +141,8 @@ def add_config_argument(parser: argparse.ArgumentParser, f) -> None:
         parser.add_argument(flag, type=f.type, help=f.metadata["help"] + f" (default: {f.default})", **kwargs)
 
 
-def parse_config(argv: list[str] | None = None) -> Config:
+def parse_args(argv: list[str] | None = None) -> tuple[Config, set[str]]:
+    """The settings, and the names of those given on the command line (they override a resumed run's)."""
     # SUPPRESS keeps unset flags out of the namespace, so presets can tell their values from explicit flags.
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
     for f in fields(Config):
@@ -151,6 +152,17 @@ def parse_config(argv: list[str] | None = None) -> Config:
                     **explicit})
     if cfg.instance_type and "usd_per_hour" not in explicit:
         cfg.usd_per_hour = INSTANCE_PRICES[cfg.instance_type][0]
+    problems = config_problems(cfg)
+    if problems:
+        parser.error("; ".join(problems))
+    return cfg, set(explicit)
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    return parse_args(argv)[0]
+
+
+def config_problems(cfg: Config) -> list[str]:
     problems = [f"--{name.replace('_', '-')} must be positive" for name in
                 ("epochs", "batch_size", "lr", "image_size", "log_every", "checkpoint_minutes")
                 if getattr(cfg, name) <= 0]
@@ -163,9 +175,27 @@ def parse_config(argv: list[str] | None = None) -> Config:
         problems.append("--min-crop-scale must be in (0, 1], --pct-start in (0, 1), --label-smoothing in [0, 1)")
     if not 0 <= cfg.warmup_epochs < cfg.epochs or not 0 <= cfg.ema_decay < 1:
         problems.append(f"--warmup-epochs must be in [0, --epochs = {cfg.epochs}), --ema-decay in [0, 1)")
+    return problems
+
+
+# Settings of this machine or this invocation rather than of the run: a resume takes them from the command
+# line or their defaults, never from the checkpoint.
+SESSION_SETTINGS = {"data_dir", "output_dir", "workers", "decode", "device", "compile", "checkpoint_minutes",
+                    "log_every", "usd_per_hour", "instance_type", "no_resume", "demo"}
+
+
+def resumed_config(cfg: Config, saved: dict, explicit: set[str]) -> Config:
+    """A resumed run keeps the settings it was started with, so a bare `python train.py` continues a
+    `--recipe fast --epochs 40` run as it was; flags given now override them (Trainer.resume announces each).
+    A new --recipe brings its own presets and the defaults back for what the old recipe had set."""
+    if "recipe" in explicit:
+        explicit = explicit | RECIPES[cfg.recipe].keys() | RECIPES.get(saved.get("recipe"), {}).keys()
+    names = {f.name for f in fields(Config)} - SESSION_SETTINGS - explicit
+    merged = replace(cfg, **{k: v for k, v in saved.items() if k in names})
+    problems = config_problems(merged)
     if problems:
-        parser.error("; ".join(problems))
-    return cfg
+        raise UsageError(f"The flags given now do not fit the run in {cfg.output_dir}: " + "; ".join(problems))
+    return merged
 
 
 # ---------------------------------------------------------------------------------------------------- runtime
@@ -746,7 +776,7 @@ def prepare(cfg: Config) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    cfg = parse_config(argv)
+    cfg, explicit = parse_args(argv)
     try:
         classes = prepare(cfg)
         device_type = resolve_device(cfg.device)
@@ -754,7 +784,7 @@ def main(argv: list[str] | None = None) -> int:
             return launch_one_process_per_gpu(argv)
         global RT
         RT = setup_distributed(device_type)
-        return run(cfg, classes)
+        return run(cfg, classes, explicit)
     except (DatasetLayoutError, UsageError, CheckpointError) as err:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {err}", file=sys.stderr)
@@ -778,7 +808,7 @@ def main(argv: list[str] | None = None) -> int:
             dist.destroy_process_group()
 
 
-def run(cfg: Config, classes: list[str]) -> int:
+def run(cfg: Config, classes: list[str], explicit: set[str] = frozenset()) -> int:
     out = Path(cfg.output_dir)
     state, error = None, None
     if RT.master:
@@ -798,6 +828,8 @@ def run(cfg: Config, classes: list[str]) -> int:
         state, error = shared
     if error is not None:
         raise error if isinstance(error, CheckpointError) else UsageError(f"Cannot use {out}: {error}")
+    if state is not None:
+        cfg = resumed_config(cfg, state["config"], explicit)
     trainer = Trainer(cfg, classes)
     if state is not None:
         trainer.resume(state)

@@ -128,6 +128,27 @@ def test_changed_settings_on_resume_are_announced_and_applied(digits_dir, tmp_pa
     assert wrong_arch.returncode == 2 and "--arch resnet14_tiny" in wrong_arch.stderr
 
 
+def test_a_bare_rerun_continues_with_the_settings_the_run_started_with(digits_dir, tmp_path):
+    out = tmp_path / "run"
+    # --recipe fast, fitted to 32 px digits and one epoch.
+    started = ["--recipe", "fast", "--start-image-size", 16, "--eval-image-size", 0, "--warmup-epochs", 0.5]
+    assert run_train("--data-dir", digits_dir, "--output-dir", out, *FAST, *started, "--epochs", 1).returncode == 0
+    # Only where the data and the run are, this machine's settings, and one deliberate change.
+    result = run_train("--data-dir", digits_dir, "--output-dir", out, "--workers", 1, "--device", "cpu",
+                       "--epochs", 2)
+    assert result.returncode == 0, result.stderr
+    assert "epochs: 1 -> 2" in result.stdout and "schedule:" not in result.stdout and "arch:" not in result.stdout
+    config = torch.load(out / LATEST, map_location="cpu", weights_only=True)["config"]
+    assert (config["recipe"], config["arch"], config["image_size"], config["start_image_size"], config["lr"],
+            config["schedule"], config["label_smoothing"], config["bias_decay"], config["epochs"]) == \
+        ("fast", "resnet14_tiny", 32, 16, 0.2, "linear", 0.1, False, 2)
+    # A recipe given now brings back its presets and the defaults for what the old one had set, announced.
+    seed = run_train("--data-dir", digits_dir, "--output-dir", out, *FAST, "--epochs", 3, "--recipe", "seed")
+    assert seed.returncode == 0, seed.stderr
+    assert "recipe: fast -> seed" in seed.stdout and "schedule: linear -> onecycle" in seed.stdout
+    assert torch.load(out / LATEST, map_location="cpu", weights_only=True)["config"]["label_smoothing"] == 0
+
+
 def test_progressive_resizing_eval_size_and_cost_reach_the_run_and_its_outputs(digits_dir, tmp_path):
     out = tmp_path / "run"
     result = run_train("--data-dir", digits_dir, "--output-dir", out, *FAST, "--epochs", 3,
