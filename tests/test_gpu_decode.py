@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, REPO, add_odd_images
+from conftest import REPO, add_odd_images
 from PIL import Image
 from sklearn.datasets import load_sample_image
 
@@ -264,39 +264,6 @@ def test_files_the_decoder_rejects_fall_back_to_pil_or_are_replaced(tmp_path, mo
     assert per_image_error(images[[0, 2]], expected[[0, 2]]).max() < IMAGE_TOLERANCE
 
 
-def test_train_py_trains_on_device_decoded_batches_with_the_cpu_paths_counts(digits_dir, tmp_path):
-    """train.py's loop on the device-decode path (run on the CPU by forcing it on): it learns, and broken
-    files are skipped and counted exactly as the CPU path counts them (tests/test_faults.py)."""
-    from test_faults import expected_train_skips
-
-    data = tmp_path / "data"
-    shutil.copytree(digits_dir, data)
-    names = add_odd_images(data / "train" / "digit_3")
-    add_odd_images(data / "val" / "digit_7")
-    out = tmp_path / "run"
-    result = subprocess.run(forced_device_decode("--data-dir", data, "--output-dir", out, *FAST, "--epochs", 4),
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "there is no GPU" not in result.stdout
-
-    train_names = sorted(p.name for p in (data / "train" / "digit_3").iterdir())
-    first = sum(len(list((data / "train" / f"digit_{c}").iterdir())) for c in range(3))
-    broken = {first + train_names.index(n) for n in names}
-    with open(out / "metrics.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert [int(r["val_images"]) for r in rows] == [363] * 4
-    assert [int(r["skipped_images"]) for r in rows] == [expected_train_skips(1443, broken, e) + 3 for e in range(4)]
-    assert float(rows[-1]["val_acc1"]) > 50 > float(rows[0]["val_acc1"])
-
-
-def test_decode_gpu_without_a_gpu_falls_back_to_the_workers(digits_dir, tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "train.py"), "--data-dir", str(digits_dir), "--output-dir",
-                             str(tmp_path / "run"), *FAST, "--epochs", "1", "--decode", "gpu"],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "there is no GPU, so the loader workers decode the JPEGs" in result.stdout
-
-
 def forced_device_decode(*args) -> list[str]:
     """train.py with --decode gpu taking effect on the CPU device, as it would on a GPU."""
     args = [str(a) for a in (*args, "--decode", "gpu")]
@@ -304,21 +271,49 @@ def forced_device_decode(*args) -> list[str]:
                                   f"sys.exit(train.main({args!r}))"]
 
 
-def test_device_decode_path_resumes_bit_identically_after_sigterm(digits_dir, tmp_path):
+def test_train_py_on_device_decoded_batches_counts_like_the_cpu_path_learns_and_resumes_exactly(digits_dir,
+                                                                                                   tmp_path):
+    """train.py's loop on the device-decode path (forced on, on the CPU): broken files are skipped and
+    counted exactly as the CPU path counts them (tests/test_faults.py), it learns, and a run stopped by
+    SIGTERM and rerun ends bit-identical to an uninterrupted one (tests/test_resume.py's flags)."""
+    from test_faults import expected_train_skips
     from test_resume import ARGS, assert_same_run, wait_for_new_checkpoint
 
+    data = tmp_path / "data"
+    shutil.copytree(digits_dir, data)
+    names = add_odd_images(data / "train" / "digit_3")
+    add_odd_images(data / "val" / "digit_7")
     reference = tmp_path / "uninterrupted"
-    done = subprocess.run(forced_device_decode("--data-dir", digits_dir, "--output-dir", reference, *ARGS),
+    done = subprocess.run(forced_device_decode("--data-dir", data, "--output-dir", reference, *ARGS),
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+    assert "there is no GPU" not in done.stdout
+
+    train_names = sorted(p.name for p in (data / "train" / "digit_3").iterdir())
+    first = sum(len(list((data / "train" / f"digit_{c}").iterdir())) for c in range(3))
+    broken = {first + train_names.index(n) for n in names}
+    with open(reference / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["val_images"]) for r in rows] == [363, 363]
+    assert [int(r["skipped_images"]) for r in rows] == [expected_train_skips(1443, broken, e) + 3 for e in (0, 1)]
+    assert float(rows[-1]["val_acc1"]) > 30  # 10 classes: chance is 10%
+
     out = tmp_path / "interrupted"
-    proc = subprocess.Popen(forced_device_decode("--data-dir", digits_dir, "--output-dir", out, *ARGS), cwd=REPO,
+    proc = subprocess.Popen(forced_device_decode("--data-dir", data, "--output-dir", out, *ARGS), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_new_checkpoint(out, proc, None)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "Stopped by SIGTERM" in stdout, stderr
-    again = subprocess.run(forced_device_decode("--data-dir", digits_dir, "--output-dir", out, *ARGS),
+    again = subprocess.run(forced_device_decode("--data-dir", data, "--output-dir", out, *ARGS),
                            cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "Resuming" in again.stdout, again.stderr
     assert_same_run(out, reference)
+
+
+def test_decode_gpu_without_a_gpu_falls_back_to_the_workers(capsys):
+    import train
+
+    dataset, collate_fn, pin, prepare = train.input_pipeline("gpu", CPU)
+    assert (dataset, collate_fn, pin, type(prepare)) == (ImageFolderDataset, collate, False, Normalizer)
+    assert "there is no GPU, so the loader workers decode the JPEGs" in capsys.readouterr().out
