@@ -557,9 +557,6 @@ class Trainer:
             group.update(momentum=self.cfg.momentum, weight_decay=new["weight_decay"])
         if self.ema and state.get("ema"):
             self.ema.model.load_state_dict(state["ema"])
-        elif self.ema:
-            self.ema = WeightAverage(self.model, self.cfg.ema_decay)
-            log(f"  The weight average starts now, from the weights of epoch {self.epoch + 1}.")
         if self.epoch >= self.cfg.epochs:
             return  # finished; run() says so
         log(f"Resuming {self.cfg.output_dir}: epoch {self.epoch + 1}, "
@@ -578,6 +575,9 @@ class Trainer:
             log("  The position in the epoch is kept in images, so no image of this epoch is repeated or skipped.")
         if "seed" in changed:
             log("  A new seed reshuffles the rest of this epoch too: some of its images repeat, some are skipped.")
+        if self.ema and not state.get("ema"):
+            self.ema = WeightAverage(self.model, self.cfg.ema_decay)
+            log("  The weight average starts from the current weights.")
 
     # -------------------------------------------------------------------------------- loops
 
