@@ -350,7 +350,10 @@ def main(argv: list[str] | None = None) -> int:
     if result["suggested_lr"] is None:
         print(f"No LR suggested. Curve and plots in {out}.")
         return 0
-    if cfg.device != "cpu" and torch.cuda.device_count() > 1:
+    if cfg.lr_reference_batch:
+        print(f"Note: --recipe {cfg.recipe} counts --lr per {cfg.lr_reference_batch} images of global batch and "
+              f"scales it to the actual one; the command below converts this sweep's batch of {cfg.batch_size}.")
+    elif cfg.device != "cpu" and torch.cuda.device_count() > 1:
         print(f"Note: train.py spreads over {torch.cuda.device_count()} GPUs, a global batch that many times "
               f"larger than this sweep's; the linear scaling rule would multiply the LR by as much.")
     print(f"Suggested peak LR {result['suggested_lr']:.3g} (minimum loss at {result['min_loss_lr']:.3g} / 10; "
