@@ -1,14 +1,9 @@
 """--recipe presets, the LR schedules, weight decay by parameter shape, the weight average (EMA) and the
 evaluation settings a recipe changes."""
 
-import csv
-import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import FAST, REPO, run_train
 
 from compare_recipes import PHOTOS, TRAIN_PER_CLASS, VAL_PER_CLASS, make_photo_patches
 from dataset_paths import check_layout
@@ -89,9 +84,10 @@ def test_recipe_presets_then_demo_then_explicit_flags():
     (["--recipe", "fast", "--image-size", "128"], "--start-image-size"),
     (["--schedule", "exponential"], "--schedule"),
 ])
-def test_bad_recipe_flags_are_refused_with_a_message(flags, message):
-    result = run_train(*flags)
-    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+def test_bad_recipe_flags_are_refused_with_a_message(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(flags)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_weight_decay_skips_biases_and_batchnorm_by_shape():
@@ -134,32 +130,6 @@ def test_weight_average_follows_its_formula_and_copies_counters():
     fresh = WeightAverage(model, decay=0.9999)
     fresh.update(model, step=0)  # decay ramps from 1/10: the first average is mostly the current weights
     assert torch.allclose(fresh.model[0].weight, model[0].weight)
-
-
-def test_ema_and_flip_are_logged_and_evaluate_py_reproduces_both(digits_dir, tmp_path):
-    out = tmp_path / "run"
-    result = run_train("--data-dir", digits_dir, "--output-dir", out, *FAST, "--epochs", 2, "--ema-decay", "0.9",
-                       "--eval-flip", "--no-bias-decay", "--schedule", "cosine", "--warmup-epochs", "0.5")
-    assert result.returncode == 0, result.stderr
-    assert "weight average: top-1" in result.stdout and "cosine schedule" in result.stdout
-    with open(out / "metrics.csv", newline="") as f:
-        last = list(csv.DictReader(f))[-1]
-    state = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
-    assert state["ema"].keys() == state["model"].keys()
-    assert any(not torch.equal(state["ema"][k], state["model"][k]) for k in state["model"])
-
-    def evaluate(*flags):
-        done = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--checkpoint", str(out / "checkpoint.pth"),
-                               "--device", "cpu", "--workers", "1", "--json", *flags],
-                              capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr
-        return json.loads(done.stdout)
-
-    plain, averaged = evaluate(), evaluate("--ema")
-    assert plain["tta_flip"] is True and plain["acc1"] == pytest.approx(float(last["val_acc1"]), abs=1e-9)
-    assert averaged["weight_average"] is True
-    assert averaged["acc1"] == pytest.approx(float(last["ema_val_acc1"]), abs=1e-9)
-    assert averaged["logged_val_acc1"] == pytest.approx(float(last["ema_val_acc1"]), abs=1e-9)
 
 
 def test_photo_patches_dataset_is_a_complete_imagenet_style_layout(tmp_path):

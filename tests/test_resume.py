@@ -1,14 +1,16 @@
 """Exact resume: a run killed at random moments and rerun ends bit-identical to one never interrupted."""
 
 import csv
+import json
 import random
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 import torch
-from conftest import FAST, run_train, train_cmd
+from conftest import FAST, REPO, run_train, train_cmd
 
 from checkpoint import LATEST
 
@@ -101,3 +103,25 @@ def test_sigterm_saves_and_exits_0_quickly_then_the_rerun_continues(digits_dir, 
     assert result.returncode == 0, result.stderr
     assert f"epoch {state['epoch'] + 1}, {state['samples_done']:,}/1,437 images of it done" in result.stdout
     assert_same_run(out, uninterrupted)
+
+
+def test_evaluate_py_reproduces_the_logged_scores_of_the_model_and_of_its_weight_average(uninterrupted):
+    """The run validated with flip averaging and kept a weight average: evaluate.py follows the run's flip
+    setting by default and scores either set of weights exactly as train.py logged them."""
+    last = metrics(uninterrupted)[-1]
+    state = final_state(uninterrupted)
+    assert state["ema"].keys() == state["model"].keys()
+    assert any(not torch.equal(state["ema"][k], state["model"][k]) for k in state["model"])
+
+    def evaluate(*flags):
+        done = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--checkpoint", str(uninterrupted / LATEST),
+                               "--device", "cpu", "--workers", "1", "--json", *flags],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    plain, averaged = evaluate(), evaluate("--ema")
+    assert plain["tta_flip"] is True and plain["acc1"] == pytest.approx(float(last["val_acc1"]), abs=1e-9)
+    assert averaged["weight_average"] is True
+    assert averaged["acc1"] == pytest.approx(float(last["ema_val_acc1"]), abs=1e-9)
+    assert averaged["logged_val_acc1"] == pytest.approx(float(last["ema_val_acc1"]), abs=1e-9)
