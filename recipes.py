@@ -32,10 +32,10 @@ RECIPES = {
 # kind (on-demand, capacity blocks, spot): each entry says which price it is and when it was read. Pass
 # --usd-per-hour for what you actually pay.
 INSTANCE_PRICES = {
-    "g4dn.xlarge": (0.526, "1x T4; AWS on-demand list price, long unchanged (read 2024)"),
+    "g4dn.xlarge": (0.526, "1x T4; AWS on-demand list price as long quoted, not re-checked on 2026-11-26"),
     "g5.xlarge": (1.006, "1x A10G; AWS on-demand, us-east-1, as quoted for June 2026"),
-    "p3.2xlarge": (3.06, "1x V100; AWS on-demand list price, long unchanged (read 2024)"),
-    "p4d.24xlarge": (32.77, "8x A100 40 GB; AWS on-demand list price before the June 2025 cut (read 2024)"),
+    "p3.2xlarge": (3.06, "1x V100; AWS on-demand list price as long quoted, not re-checked on 2026-11-26"),
+    "p4d.24xlarge": (32.77, "8x A100 40 GB; AWS on-demand list price before AWS's June 2025 GPU price cut"),
     "p5.48xlarge": (39.33, "8x H100; AWS EC2 Capacity Blocks effective rate, us-east-1, published for 2025"),
 }
 
@@ -94,20 +94,22 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float, bias_decay: bo
 
 
 class WeightAverage:
-    """An exponential moving average of the model's parameters and BatchNorm statistics, updated after every
+    """An exponential moving average of `model`'s parameters and BatchNorm statistics, updated after every
     optimizer step. The decay ramps up as min(decay, (1 + step) / (10 + step)) so that early averages are
     not dominated by the random initial weights; it depends only on the step, so resume is exact."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        # The tensors are updated in place (optimizer steps, load_state_dict), so the pairs are found once
+        # here rather than on every step.
+        pairs = list(zip(self.model.state_dict().values(), model.state_dict().values(), strict=True))
+        self.floats = [pair for pair in pairs if pair[0].is_floating_point()]
+        self.counters = [pair for pair in pairs if not pair[0].is_floating_point()]  # BatchNorm's step counts
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> None:
+    def update(self, step: int) -> None:
         weight = 1 - min(self.decay, (1 + step) / (10 + step))
-        ours, theirs = self.model.state_dict(), model.state_dict()
-        floats = [name for name, t in ours.items() if t.is_floating_point()]
-        torch._foreach_lerp_([ours[n] for n in floats], [theirs[n] for n in floats], weight)
-        for name, tensor in ours.items():
-            if not tensor.is_floating_point():  # BatchNorm's step counters
-                tensor.copy_(theirs[name])
+        torch._foreach_lerp_([ours for ours, _ in self.floats], [theirs for _, theirs in self.floats], weight)
+        for ours, theirs in self.counters:
+            ours.copy_(theirs)

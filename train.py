@@ -610,7 +610,7 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             if self.ema:
-                self.ema.update(self.model, self.global_step())
+                self.ema.update(self.global_step())
             top1, top5 = accuracy_counts(logits.detach(), labels)
             sums += torch.stack([loss.detach().double() * len(labels), top1.double(), top5.double(),
                                  torch.tensor(float(len(labels)), device=device),

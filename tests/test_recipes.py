@@ -119,7 +119,7 @@ def test_weight_average_follows_its_formula_and_copies_counters():
     with torch.no_grad():
         model[0].weight.add_(1.0)
     model(torch.randn(8, 3))  # moves the BatchNorm statistics and its counter
-    average.update(model, step=100)
+    average.update(step=100)
     current = model.state_dict()
     for name, value in average.model.state_dict().items():
         if value.is_floating_point():
@@ -128,7 +128,7 @@ def test_weight_average_follows_its_formula_and_copies_counters():
         else:
             assert torch.equal(value, current[name]), name
     fresh = WeightAverage(model, decay=0.9999)
-    fresh.update(model, step=0)  # decay ramps from 1/10: the first average is mostly the current weights
+    fresh.update(step=0)  # decay ramps from 1/10: the first average is mostly the current weights
     assert torch.allclose(fresh.model[0].weight, model[0].weight)
 
 
