@@ -7,7 +7,10 @@ average instead of PIL's reduced-size decode and bilinear filter). Files the dev
 (PNG named .JPEG, CMYK, grayscale, truncated) are decoded by the CPU path in the worker and join the batch
 as finished images.
 
-    loader = make_loader(EncodedImageFolderDataset(...), sampler, workers, pin_memory=False,
+The device's time is shared with training, the workers' is not: device_share < 1 sends only that fraction of
+the JPEGs to the device and has the workers decode the rest, so neither side waits for the other.
+
+    loader = make_loader(EncodedImageFolderDataset(..., device_share=0.3), sampler, workers, pin_memory=False,
                          collate_fn=collate_encoded)
     decode = DeviceBatchDecoder(device)
     for images, labels, skipped in loader:
@@ -38,6 +41,9 @@ from data import (
 
 # Bytes a JPEG may carry after its end-of-image marker without being damaged (some writers pad files).
 JPEG_PADDING = b"\x00 \t\r\n"
+# Multiples of its fractional part spread over [0, 1) as evenly as any sequence can (the golden-ratio, or
+# Weyl, sequence), so every run of consecutive indices has the device share of device-route images.
+GOLDEN_RATIO = (1 + 5 ** 0.5) / 2
 
 
 def is_complete_jpeg(data: bytes) -> bool:
@@ -56,12 +62,25 @@ class EncodedImage:
     train: bool
 
 
+def on_device_route(index: int, device_share: float) -> bool:
+    """Whether image `index` is left to the device decoder: a fixed choice per image, so a run's pixels do
+    not depend on timing, worker count or where it was resumed."""
+    return (index * GOLDEN_RATIO) % 1.0 < device_share
+
+
 class EncodedImageFolderDataset(ImageFolderDataset):
-    """ImageFolderDataset whose items are EncodedImage records for RGB JPEGs and, for every other file, the
-    CPU path's decoded HWC uint8 tensor. Unreadable files raise from load as in the base class, whose
-    __getitem__ substitutes (training) or blanks (val) them."""
+    """ImageFolderDataset whose items are EncodedImage records for RGB JPEGs on the device route (a
+    device_share of all images) and, for every other file, the CPU path's decoded HWC uint8 tensor.
+    Unreadable files raise from load as in the base class, whose __getitem__ substitutes (training) or blanks
+    (val) them."""
+
+    def __init__(self, *args, device_share: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.device_share = device_share
 
     def load(self, epoch: int, index: int) -> EncodedImage | torch.Tensor:
+        if not on_device_route(index, self.device_share):
+            return super().load(epoch, index)
         path = os.fsdecode(self.paths[index])
         with open(path, "rb") as file:
             with Image.open(file) as img:  # reads the header only

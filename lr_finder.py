@@ -43,7 +43,8 @@ DEFAULT_OUTPUT_DIR = REPO_DIR / "runs" / "lr_finder"
 DEMO_SWEEP_OUTPUT_DIR = REPO_DIR / "runs" / "lr_finder_demo"
 # train.py flags that change what the sweep measures; help texts and choices come from train.Config.
 SHARED_SETTINGS = ("data_dir", "recipe", "arch", "batch_size", "image_size", "min_crop_scale", "momentum",
-                   "weight_decay", "bias_decay", "label_smoothing", "workers", "decode", "device", "precision", "seed")
+                   "weight_decay", "bias_decay", "label_smoothing", "workers", "decode", "gpu_decode_share", "device",
+                   "precision", "seed")
 # The curve must fall at least this far below its starting level to show where learning happens. The second
 # bound is in standard deviations of the smoothed curve's noise: on demo sweeps too short to learn anything the
 # lowest point lay 1-4.2 of them below the start by chance, on sweeps that learned 8.9-46.
@@ -91,6 +92,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
         problems.append("--smoothing must be in [0, 1) and --divergence above 1")
     if cfg.batch_size <= 0 or cfg.image_size <= 0 or not 0 < cfg.min_crop_scale <= 1:
         problems.append("--batch-size and --image-size must be positive, --min-crop-scale in (0, 1]")
+    if not 0 <= cfg.gpu_decode_share <= 1:
+        problems.append("--gpu-decode-share must be in [0, 1]")
     if problems:
         parser.error("; ".join(problems))
     return cfg, sweep, explicit
@@ -199,7 +202,7 @@ def run_sweep(cfg: Config, sweep: argparse.Namespace, classes: list[str], device
                                 momentum=cfg.momentum)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    dataset, collate_fn, pin, normalize = input_pipeline(cfg.decode, device)
+    dataset, collate_fn, pin, normalize = input_pipeline(cfg.decode, device, cfg.gpu_decode_share)
     train_set = dataset(Path(cfg.data_dir) / "train", classes, True, cfg.image_size, cfg.seed, cfg.min_crop_scale)
     sampler = TrainBatchSampler(len(train_set), cfg.batch_size, 0, 1, cfg.seed)
     if sampler.steps_per_epoch() == 0:
@@ -308,7 +311,7 @@ def check_output_dir(out: Path) -> None:
 def train_command(cfg: Config, explicit: dict, lr: float) -> str:
     flags = ["--demo"] if explicit.get("demo") else []
     for name in SHARED_SETTINGS:
-        if name in explicit and name not in ("workers", "decode", "device"):
+        if name in explicit and name not in ("workers", "decode", "gpu_decode_share", "device"):
             value = explicit[name]
             flag = "--" + ("" if value or not isinstance(value, bool) else "no-") + name.replace("_", "-")
             flags.append(flag if isinstance(value, bool) else f"{flag} {value}")

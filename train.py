@@ -18,6 +18,7 @@ import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -109,6 +110,10 @@ class Config:
     decode: str = setting("cpu", "where JPEGs are decoded: cpu = in the loader workers; gpu = workers only read the "
                                  "files, batches are decoded, cropped and resized on the GPU (falls back to cpu "
                                  "without one)", choices=["cpu", "gpu"])
+    gpu_decode_share: float = setting(1.0, "with --decode gpu: the fraction of the JPEGs decoded on the GPU, the "
+                                           "rest by the workers; lower it when training waits for the GPU "
+                                           "decoder, raise it when it waits for the workers (benchmark.py train "
+                                           "--decode gpu --gpu-decode-share 0,0.25,0.5,1 finds the best)")
     device: str = setting("auto", "cuda if available, else cpu", choices=["auto", "cuda", "cpu"])
     precision: str = setting("auto", "auto: bf16 where the GPU supports it, else fp16 with loss scaling; fp32 on CPU",
                              choices=["auto", "bf16", "fp16", "fp32"])
@@ -175,13 +180,15 @@ def config_problems(cfg: Config) -> list[str]:
         problems.append("--min-crop-scale must be in (0, 1], --pct-start in (0, 1), --label-smoothing in [0, 1)")
     if not 0 <= cfg.warmup_epochs < cfg.epochs or not 0 <= cfg.ema_decay < 1:
         problems.append(f"--warmup-epochs must be in [0, --epochs = {cfg.epochs}), --ema-decay in [0, 1)")
+    if not 0 <= cfg.gpu_decode_share <= 1:
+        problems.append("--gpu-decode-share must be in [0, 1]")
     return problems
 
 
 # Settings of this machine or this invocation rather than of the run: a resume takes them from the command
 # line or their defaults, never from the checkpoint.
-SESSION_SETTINGS = {"data_dir", "output_dir", "workers", "decode", "device", "compile", "checkpoint_minutes",
-                    "log_every", "usd_per_hour", "instance_type", "no_resume", "demo"}
+SESSION_SETTINGS = {"data_dir", "output_dir", "workers", "decode", "gpu_decode_share", "device", "compile",
+                    "checkpoint_minutes", "log_every", "usd_per_hour", "instance_type", "no_resume", "demo"}
 
 
 def resumed_config(cfg: Config, saved: dict, explicit: set[str]) -> Config:
@@ -245,13 +252,14 @@ def decode_on_device(requested: str, device: torch.device) -> bool:
     return requested == "gpu" and device.type == "cuda"
 
 
-def input_pipeline(decode: str, device: torch.device):
+def input_pipeline(decode: str, device: torch.device, gpu_decode_share: float):
     """What --decode means on this device: (dataset class, collate function, pin_memory, the callable that
     turns a collated batch into the model's normalized input on the device)."""
     if decode_on_device(decode, device):
         # The device decoder corrects labels in place (an undecodable file), which pinned copies would not
         # show; file bytes gain nothing from pinning anyway.
-        return EncodedImageFolderDataset, collate_encoded, False, DeviceBatchDecoder(device)
+        return (partial(EncodedImageFolderDataset, device_share=gpu_decode_share), collate_encoded, False,
+                DeviceBatchDecoder(device))
     if decode == "gpu":
         log("--decode gpu: there is no GPU, so the loader workers decode the JPEGs (--decode cpu).")
     return ImageFolderDataset, collate, device.type == "cuda", Normalizer(device)
@@ -332,7 +340,7 @@ WORKER_GRACE_SECONDS = 60
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc1", "train_acc5", "val_loss", "val_acc1", "val_acc5",
                   "epoch_seconds", "images_per_second", "train_images", "val_images", "skipped_images", "image_size",
-                  "val_seconds", "ema_val_loss", "ema_val_acc1", "ema_val_acc5"]
+                  "val_seconds", "ema_val_loss", "ema_val_acc1", "ema_val_acc5", "data_wait_pct"]
 
 
 def append_metrics(path: Path, rows: list[dict]) -> None:
@@ -397,6 +405,35 @@ def move_run_aside(output_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- training
+
+class LoaderWait:
+    """Iterates a loader, adding up the time the loop is blocked waiting for its next batch. The loop queues
+    work on a GPU far ahead of it, so that wait is time the GPU sits idle for want of data."""
+
+    def __init__(self, loader):
+        self.loader, self.seconds = loader, 0.0
+
+    def __iter__(self):
+        batches = iter(self.loader)
+        while True:
+            start = time.perf_counter()
+            batch = next(batches, None)
+            self.seconds += time.perf_counter() - start
+            if batch is None:
+                return
+            yield batch
+
+
+def data_wait_advice(fraction: float, decode: str, gpu_decode_share: float, device_type: str, workers: int) -> str:
+    """What to try when training waited for data more than a tenth of the time."""
+    if fraction < 0.1:
+        return ""
+    if device_type == "cuda" and decode == "cpu":
+        return "; the loader workers cannot keep up: try --decode gpu"
+    if device_type == "cuda" and gpu_decode_share < 1:
+        return f"; the loader workers cannot keep up: raise --gpu-decode-share above {gpu_decode_share:g}"
+    return f"; the loader cannot keep up: try more --workers than {workers} if cores are idle, or a faster disk"
+
 
 def accuracy_counts(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
@@ -466,7 +503,7 @@ class Trainer:
             # Compute threads spin while they wait for each other; sharing cores with loader workers or
             # other ranks makes them over ten times slower (measured on 2 cores), so give each its own.
             torch.set_num_threads(max(1, cores - workers))
-        dataset, collate_fn, pin, self.normalize = input_pipeline(cfg.decode, device)
+        dataset, collate_fn, pin, self.normalize = input_pipeline(cfg.decode, device, cfg.gpu_decode_share)
         self.train_set = dataset(root / "train", classes, True, cfg.image_size, cfg.seed, cfg.min_crop_scale,
                                  cfg.start_image_size, cfg.epochs)
         val_set = dataset(root / "val", classes, False, cfg.eval_image_size or cfg.image_size, cfg.seed)
@@ -594,7 +631,8 @@ class Trainer:
                    unit="step", file=sys.stdout)
         started = last_sync = time.perf_counter()
         last_save, synced_steps = time.monotonic(), 0
-        for i, (images, labels, skipped) in enumerate(self.train_loader):
+        waiting = LoaderWait(self.train_loader)
+        for i, (images, labels, skipped) in enumerate(waiting):
             x = self.normalize(images)  # first: decoding on the device may replace images, labels and skipped
             labels = labels.to(device, non_blocking=True)
             for line in skipped:
@@ -639,7 +677,8 @@ class Trainer:
             money = {"usd": f"{self.cfg.usd_per_hour * (self.seconds_spent() + seconds) / 3600:.2f}"
                      } if self.cfg.usd_per_hour else {}
             bar.set_postfix(loss=f"{epoch_sums[0].item() / seen:.3f}", top1=f"{100 * epoch_sums[1].item() / seen:.1f}%",
-                            lr=f"{lr:.3g}", img_s=f"{images_per_second:.0f}", **money)
+                            lr=f"{lr:.3g}", img_s=f"{images_per_second:.0f}",
+                            data_wait=f"{100 * waiting.seconds / (now - started):.0f}%", **money)
             if packet[5] > 0 or packet[6] > 0:
                 self.save(epoch_sums, seconds)
                 last_save = time.monotonic()
@@ -649,6 +688,8 @@ class Trainer:
         bar.close()
         self.epoch_sums = self.carried + all_reduce(sums).cpu() if steps == 0 else epoch_sums
         self.epoch_seconds = self.carried_seconds + time.perf_counter() - started
+        # This process's share of the time since the epoch began or resumed: a resume does not save it.
+        self.data_wait_fraction = waiting.seconds / max(time.perf_counter() - started, 1e-9)
         return "done"
 
     def evaluate(self) -> dict:
@@ -711,7 +752,8 @@ class Trainer:
                    "train_acc1": 100 * top1 / images, "train_acc5": 100 * top5 / images, **val,
                    "epoch_seconds": self.epoch_seconds, "images_per_second": images / self.epoch_seconds,
                    "train_images": int(images), "skipped_images": int(skipped),
-                   "image_size": self.train_set.image_size_at(self.epoch), "val_seconds": val_seconds}
+                   "image_size": self.train_set.image_size_at(self.epoch), "val_seconds": val_seconds,
+                   "data_wait_pct": 100 * self.data_wait_fraction}
             self.history.append(row)
             self.epoch, self.samples_done = self.epoch + 1, 0
             self.carried, self.carried_seconds = torch.zeros(5, dtype=torch.float64), 0.0
@@ -728,8 +770,11 @@ class Trainer:
                 f"{row['train_acc1']:.2f}% | val loss {row['val_loss']:.4f} top-1 {row['val_acc1']:.2f}% "
                 f"top-5 {row['val_acc5']:.2f}% on {row['val_images']:,} images"
                 + (f" (weight average: top-1 {row['ema_val_acc1']:.2f}%)" if self.ema else "")
-                + f" | {row['epoch_seconds']:.0f} s, "
-                f"{row['images_per_second']:.0f} img/s | {self.time_and_cost(row)}"
+                + f" | {row['epoch_seconds']:.0f} s, {row['images_per_second']:.0f} img/s, waiting for data "
+                f"{row['data_wait_pct']:.0f}% of the time"
+                + data_wait_advice(self.data_wait_fraction, cfg.decode, cfg.gpu_decode_share, RT.device.type,
+                                   self.train_loader.num_workers)
+                + f" | {self.time_and_cost(row)}"
                 + (f" | {row['skipped_images']} unreadable images skipped" if row["skipped_images"] else ""))
             stop_votes = all_reduce(torch.tensor([float(self.stop.signal_name is not None)], device=RT.device))
             if stop_votes.item() > 0 and self.epoch < cfg.epochs:

@@ -33,6 +33,7 @@ from gpu_decode import (
     EncodedImageFolderDataset,
     collate_encoded,
     is_complete_jpeg,
+    on_device_route,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
@@ -228,6 +229,33 @@ def test_a_loader_with_a_worker_delivers_the_same_batches(photos_dir):
         batch.pin_memory()
 
 
+def test_a_device_share_sends_that_fraction_of_images_to_the_workers_in_every_stretch_of_the_dataset(photos_dir):
+    for share in (0.0, 0.1, 0.25, 0.5, 0.9, 1.0):
+        route = np.array([on_device_route(i, share) for i in range(1_300_000)])
+        for stretch in (route, route[:100], route[640_000:640_050]):
+            assert abs(stretch.mean() - share) <= 3 / len(stretch)
+    cpu_set, _ = datasets(photos_dir, train=True)
+    classes = sorted(p.name for p in (photos_dir / "train").iterdir())
+    items = [(epoch, i) for epoch in range(3) for i in range(len(cpu_set))]
+    for share in (0.0, 0.5, 1.0):
+        encoded_set = EncodedImageFolderDataset(photos_dir / "train", classes, True, SIZE, SEED, MIN_SCALE,
+                                                device_share=share)
+        on_device = [i for i in range(len(cpu_set)) if on_device_route(i, share)]
+        for epoch, index in items[:len(cpu_set)]:
+            record = encoded_set.load(epoch, index)
+            if index in on_device:
+                assert isinstance(record, EncodedImage)
+            else:  # the CPU path's own pixels
+                assert torch.equal(record, cpu_set.load(epoch, index))
+        (expected, cpu_labels, _), (images, labels, skipped) = both_paths(cpu_set, encoded_set, items)
+        assert torch.equal(labels, cpu_labels) and skipped == []
+        errors = per_image_error(images, expected)
+        assert errors.max() < IMAGE_TOLERANCE and errors.mean() < BATCH_TOLERANCE
+        off_device = [n for n, (_, i) in enumerate(items) if i not in on_device]
+        assert torch.equal(images[off_device], expected[off_device])
+        assert len(on_device) == {0.0: 0, 0.5: 4, 1.0: 6}[share]  # 0.5: both routes within each batch
+
+
 def test_files_the_decoder_rejects_fall_back_to_pil_or_are_replaced(tmp_path, monkeypatch):
     import gpu_decode
 
@@ -265,22 +293,37 @@ def test_files_the_decoder_rejects_fall_back_to_pil_or_are_replaced(tmp_path, mo
 
 
 def forced_device_decode(*args) -> list[str]:
-    """train.py with --decode gpu taking effect on the CPU device, as it would on a GPU."""
-    args = [str(a) for a in (*args, "--decode", "gpu")]
-    return [sys.executable, "-c", f"import sys, train; train.decode_on_device = lambda *_: True; "
-                                  f"sys.exit(train.main({args!r}))"]
+    """train.py with --decode gpu (half of the JPEGs decoded on the device) taking effect on the CPU device,
+    as it would on a GPU."""
+    args = [str(a) for a in (*args, "--decode", "gpu", "--gpu-decode-share", "0.5")]
+    return [sys.executable, "-c", f"""
+import sys, gpu_decode, train
+train.decode_on_device = lambda *_: True
+files, decode = [0], gpu_decode.DeviceBatchDecoder.decode
+def counting_decode(self, batch):
+    files[0] += len(batch.lengths)
+    return decode(self, batch)
+gpu_decode.DeviceBatchDecoder.decode = counting_decode
+code = train.main({args!r})
+print(f"files decoded on the device: {{files[0]}}")
+sys.exit(code)
+"""]
 
 
 def test_train_py_on_device_decoded_batches_counts_like_the_cpu_path_learns_and_resumes_exactly(digits_dir,
                                                                                                    tmp_path):
-    """train.py's loop on the device-decode path (forced on, on the CPU): broken files are skipped and
-    counted exactly as the CPU path counts them (tests/test_faults.py), it learns, and a run stopped by
-    SIGTERM and rerun ends bit-identical to an uninterrupted one (tests/test_resume.py's flags)."""
+    """train.py's loop on the device-decode path (forced on, on the CPU), half of the images decoded by the
+    workers: broken files are skipped and counted exactly as the CPU path counts them (tests/test_faults.py),
+    it learns, and a run stopped by SIGTERM and rerun ends bit-identical to an uninterrupted one
+    (tests/test_resume.py's flags)."""
     from test_faults import expected_train_skips
     from test_resume import ARGS, assert_same_run, wait_for_new_checkpoint
 
     data = tmp_path / "data"
     shutil.copytree(digits_dir, data)
+    for path in data.glob("*/*/*.jpg"):  # the digits are grayscale JPEGs, which the device decoder leaves out
+        with Image.open(path) as img:
+            img.convert("RGB").save(path, quality=95)
     names = add_odd_images(data / "train" / "digit_3")
     add_odd_images(data / "val" / "digit_7")
     reference = tmp_path / "uninterrupted"
@@ -288,6 +331,9 @@ def test_train_py_on_device_decoded_batches_counts_like_the_cpu_path_learns_and_
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "there is no GPU" not in done.stdout
+    # 2 epochs of 1,408 training and 363 val images: about half of them take the device route.
+    device_decoded = int(done.stdout.rsplit("files decoded on the device: ", 1)[1])
+    assert 0.4 < device_decoded / (2 * (1408 + 363)) < 0.6
 
     train_names = sorted(p.name for p in (data / "train" / "digit_3").iterdir())
     first = sum(len(list((data / "train" / f"digit_{c}").iterdir())) for c in range(3))

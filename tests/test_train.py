@@ -1,5 +1,6 @@
 import csv
 import hashlib
+import time
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ from conftest import FAST, run_train
 
 from checkpoint import LATEST, PREVIOUS
 from recipes import onecycle_lr
-from train import parse_config
+from train import LoaderWait, data_wait_advice, parse_config
 
 
 def read_metrics(out):
@@ -35,7 +36,8 @@ def test_defaults_are_the_original_recipe_and_demo_only_fills_unset_flags():
     assert demo.epochs == 3 and demo.image_size == 32 and demo.data_dir.endswith("digits")
 
 
-@pytest.mark.parametrize("flags", [["--epochs", "0"], ["--lr", "-1"], ["--device", "tpu"], ["--min-crop-scale", "2"]])
+@pytest.mark.parametrize("flags", [["--epochs", "0"], ["--lr", "-1"], ["--device", "tpu"], ["--min-crop-scale", "2"],
+                                   ["--gpu-decode-share", "1.5"]])
 def test_bad_flags_are_refused_with_a_message(flags):
     result = run_train(*flags)
     assert result.returncode == 2
@@ -52,6 +54,8 @@ def test_a_short_run_learns_and_writes_every_artifact(digits_dir, tmp_path):
     assert float(rows[-1]["val_acc1"]) > 50 > float(rows[0]["val_acc1"])  # 10 classes: chance is 10%
     assert all(int(r["val_images"]) == 360 and int(r["train_images"]) == 1437 // 32 * 32 for r in rows)
     assert (out / "training_curves.png").stat().st_size > 10_000
+    assert all(0 <= float(r["data_wait_pct"]) < 100 for r in rows)
+    assert result.stdout.count("% of the time") == 4
 
     state = torch.load(out / LATEST, map_location="cpu", weights_only=True)
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["model"])
@@ -172,3 +176,23 @@ def test_metrics_csv_keeps_history_never_duplicates_and_leaves_no_partial_file(t
     rows = read_metrics(path.parent)
     assert [(r["epoch"], r["val_acc1"]) for r in rows] == [("1", "10.5"), ("2", "20.5")]  # the first epoch 1 stays
     assert list(rows[0]) == METRIC_COLUMNS and [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]
+
+
+def test_time_spent_waiting_for_the_loader_is_measured_and_explained():
+    def slow_loader(delay):
+        for item in range(5):
+            time.sleep(delay)
+            yield item
+
+    waiting = LoaderWait(slow_loader(0.05))
+    assert list(waiting) == [0, 1, 2, 3, 4] and 0.25 <= waiting.seconds < 0.5
+    waiting = LoaderWait(slow_loader(0.0))
+    for _ in waiting:
+        time.sleep(0.05)  # the training step: the loader is never the one holding things up
+    assert waiting.seconds < 0.05
+
+    assert data_wait_advice(0.09, "cpu", 1.0, "cuda", 15) == ""
+    assert "try --decode gpu" in data_wait_advice(0.3, "cpu", 1.0, "cuda", 15)
+    assert "raise --gpu-decode-share above 0.25" in data_wait_advice(0.3, "gpu", 0.25, "cuda", 15)
+    assert "more --workers than 15" in data_wait_advice(0.3, "gpu", 1.0, "cuda", 15)
+    assert "more --workers than 1" in data_wait_advice(0.3, "cpu", 1.0, "cpu", 1)
