@@ -42,7 +42,7 @@ from data import (
 # Bytes a JPEG may carry after its end-of-image marker without being damaged (some writers pad files).
 JPEG_PADDING = b"\x00 \t\r\n"
 # Multiples of its fractional part spread over [0, 1) as evenly as any sequence can (the golden-ratio, or
-# Weyl, sequence), so every run of consecutive indices has the device share of device-route images.
+# Weyl, sequence), so any run of consecutive indices holds close to the device share of device-route images.
 GOLDEN_RATIO = (1 + 5 ** 0.5) / 2
 
 

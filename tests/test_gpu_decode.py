@@ -360,6 +360,6 @@ def test_train_py_on_device_decoded_batches_counts_like_the_cpu_path_learns_and_
 def test_decode_gpu_without_a_gpu_falls_back_to_the_workers(capsys):
     import train
 
-    dataset, collate_fn, pin, prepare = train.input_pipeline("gpu", CPU)
+    dataset, collate_fn, pin, prepare = train.input_pipeline("gpu", CPU, 0.5)
     assert (dataset, collate_fn, pin, type(prepare)) == (ImageFolderDataset, collate, False, Normalizer)
     assert "there is no GPU, so the loader workers decode the JPEGs" in capsys.readouterr().out
