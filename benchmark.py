@@ -4,14 +4,17 @@
     python benchmark.py compute --json                              # train step, synthetic data on the device
     python benchmark.py loader --data-dir /tmp/bench --workers 8 --seconds 20 --json
     python benchmark.py train --data-dir /tmp/bench --steps 200 --json
+    python benchmark.py train --data-dir /tmp/bench --decode gpu --gpu-decode-share 0,0.25,0.5,1
 
 compute: this project's ResNet-50 against torchvision's, same precision, memory format and batch.
 loader: this project's input pipeline against the torchvision reference (ImageFolder + PIL +
 RandomResizedCrop + flip + ToTensor + Normalize), same workers and batch size, on the same files.
-train: train.py's own loop (Trainer.train_epoch) on a JPEG folder; img/s and its ratio to compute-only.
+train: train.py's own loop (Trainer.train_epoch) on a JPEG folder; img/s and its ratio to compute-only, over
+whole epochs and without each epoch's worker start-up; with --decode gpu, for each --gpu-decode-share given.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -182,35 +185,78 @@ def loader(args) -> None:
 
 # ------------------------------------------------------------------------------------------------- train
 
-def train(args) -> None:
-    import train as train_script
+class FirstBatchClock:
+    """A loader that notes when each epoch's first batch arrives. Everything before it is the workers'
+    start-up, which an ImageNet epoch (5,004 steps) pays once and a benchmark epoch of a few steps pays
+    often enough to hide the steady rate."""
 
-    cfg = train_script.parse_config(["--data-dir", str(args.data_dir), "--batch-size", str(args.batch_size),
-                                     "--image-size", str(args.image_size), "--workers", str(args.workers),
-                                     "--precision", args.precision, *(["--compile"] if args.compile else []),
-                                     "--decode", args.decode,
-                                     # Nothing is saved: checkpoints are due only after 10 minutes.
-                                     "--output-dir", "/nonexistent"])
-    train_script.RT = train_script.setup_distributed(train_script.resolve_device(cfg.device))
+    def __init__(self, loader):
+        self.loader, self.num_workers, self.arrived = loader, loader.num_workers, 0.0
+
+    def __iter__(self):
+        batches = iter(self.loader)
+        first = next(batches)
+        self.arrived = time.perf_counter()
+        yield first
+        yield from batches
+
+
+def time_train_loop(train_script, args, share: float) -> dict:
+    """train.py's Trainer.train_epoch on --data-dir: one warm-up epoch, then whole epochs covering --steps."""
+    cfg = train_script.parse_config([
+        "--data-dir", str(args.data_dir), "--batch-size", str(args.batch_size), "--image-size",
+        str(args.image_size), "--workers", str(args.workers), "--precision", args.precision,
+        *(["--compile"] if args.compile else []), "--decode", args.decode, "--gpu-decode-share", str(share),
+        "--output-dir", "/nonexistent"])  # nothing is saved: checkpoints are due only after 10 minutes
     trainer = train_script.Trainer(cfg, check_layout(cfg.data_dir).classes)
+    trainer.train_loader = clock = FirstBatchClock(trainer.train_loader)
     per_epoch = trainer.sampler.steps_per_epoch()
-    epochs = 1 + -(-args.steps // per_epoch)  # one warm-up epoch, then whole epochs covering --steps
-    timings = []
+    epochs = 1 + -(-args.steps // per_epoch)
+    whole, steady, waits = 0.0, 0.0, []
     for epoch in range(epochs):
         trainer.epoch, trainer.samples_done = epoch, 0
         start = time.perf_counter()
         trainer.train_epoch()
         if trainer.normalize.device.type == "cuda":
             torch.cuda.synchronize()
-        timings.append(time.perf_counter() - start)
-    measured_steps = per_epoch * (epochs - 1)
-    img_s = measured_steps * trainer.sampler.global_batch / sum(timings[1:])
-    row = {"what": "train", "img_s": round(img_s, 1), "steps": measured_steps, "batch_size": args.batch_size,
-           "image_size": args.image_size, "workers": args.workers, "precision": trainer.precision,
-           "compile": args.compile, "decode": args.decode}
-    args.precision, args.channels_last = trainer.precision, trainer.normalize.device.type == "cuda"
-    compute_only = time_train_steps(resnet50(len(trainer.classes)), args, trainer.normalize.device, 30)
-    report(args, **row, compute_only_img_s=round(compute_only, 1), ratio=round(img_s / compute_only, 3))
+        if epoch:
+            end = time.perf_counter()
+            whole, steady = whole + end - start, steady + end - clock.arrived
+            waits.append(trainer.data_wait_fraction)
+    batch = trainer.sampler.global_batch
+    steps = per_epoch * (epochs - 1)
+    decode = "gpu" if train_script.decode_on_device(args.decode, trainer.normalize.device) else "cpu"
+    return {"what": "train", "img_s": round(steps * batch / whole, 1),
+            "steady_img_s": round((steps - epochs + 1) * batch / steady, 1),
+            "data_wait_pct": round(100 * float(np.mean(waits)), 1), "steps": steps, "batch_size": args.batch_size,
+            "image_size": args.image_size, "workers": args.workers, "precision": trainer.precision,
+            "compile": args.compile, "decode": decode, **({"gpu_decode_share": share} if decode == "gpu" else {})}
+
+def train(args) -> None:
+    import train as train_script
+
+    train_script.RT = train_script.setup_distributed(train_script.resolve_device("auto"))
+    shares = args.gpu_decode_share if args.decode == "gpu" else [1.0]
+    rows = []
+    for share in shares:
+        with contextlib.redirect_stdout(sys.stderr):  # train.py's progress bar and log; stdout is for results
+            rows.append(time_train_loop(train_script, args, share))
+    args.precision, args.channels_last = rows[0]["precision"], train_script.RT.device.type == "cuda"
+    compute_only = time_train_steps(resnet50(len(check_layout(args.data_dir).classes)), args, train_script.RT.device,
+                                    30)
+    for row in rows:
+        report(args, **row, compute_only_img_s=round(compute_only, 1), ratio=round(row["img_s"] / compute_only, 3),
+               steady_ratio=round(row["steady_img_s"] / compute_only, 3))
+
+
+def shares(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or not all(0 <= v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected fractions from 0 to 1 separated by commas, got {text!r}")
+    return values
 
 
 def main() -> None:
@@ -240,6 +286,9 @@ def main() -> None:
                                        help="gpu: workers read files, batches are decoded on cuda (loader: on the "
                                             "cpu without one; train: train.py --decode)")
     sub.choices["train"].add_argument("--steps", type=int, default=100)
+    sub.choices["train"].add_argument("--gpu-decode-share", type=shares, default=[1.0],
+                                      help="with --decode gpu: train.py's --gpu-decode-share, or several separated "
+                                           "by commas to measure each (e.g. 0,0.25,0.5,1)")
     args = parser.parse_args()
     if args.json:
         print(json.dumps(environment()), flush=True)
