@@ -243,7 +243,7 @@ def train(args) -> None:
             rows.append(time_train_loop(train_script, args, share))
     args.precision, args.channels_last = rows[0]["precision"], train_script.RT.device.type == "cuda"
     compute_only = time_train_steps(resnet50(len(check_layout(args.data_dir).classes)), args, train_script.RT.device,
-                                    30)
+                                    args.compute_steps)
     for row in rows:
         report(args, **row, compute_only_img_s=round(compute_only, 1), ratio=round(row["img_s"] / compute_only, 3),
                steady_ratio=round(row["steady_img_s"] / compute_only, 3))
@@ -286,6 +286,8 @@ def main() -> None:
                                        help="gpu: workers read files, batches are decoded on cuda (loader: on the "
                                             "cpu without one; train: train.py --decode)")
     sub.choices["train"].add_argument("--steps", type=int, default=100)
+    sub.choices["train"].add_argument("--compute-steps", type=int, default=30,
+                                      help="timed steps of the compute-only figure it is compared with")
     sub.choices["train"].add_argument("--gpu-decode-share", type=shares, default=[1.0],
                                       help="with --decode gpu: train.py's --gpu-decode-share, or several separated "
                                            "by commas to measure each (e.g. 0,0.25,0.5,1)")

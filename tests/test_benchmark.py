@@ -54,7 +54,7 @@ def test_compute_measures_both_models_with_the_same_settings():
 
 def test_train_runs_train_pys_loop_and_relates_it_to_compute_only(bench_dir):
     [row] = benchmark("train", "--data-dir", bench_dir, "--steps", 2, "--batch-size", 4, "--image-size", 32,
-                      "--workers", 1, "--warmup", 1)
+                      "--workers", 1, "--warmup", 1, "--compute-steps", 2)
     assert row["what"] == "train" and row["steps"] == 4 and row["decode"] == "cpu"  # 16 images: 4 steps an epoch
     assert row["ratio"] == pytest.approx(row["img_s"] / row["compute_only_img_s"], abs=0.001)
     assert 0 <= row["data_wait_pct"] < 100
