@@ -425,7 +425,11 @@ class LoaderWait:
 
 
 def data_wait_advice(fraction: float, decode: str, gpu_decode_share: float, device_type: str, workers: int) -> str:
-    """What to try when training waited for data more than a tenth of the time."""
+    """What to try when training waited for data more than a tenth of the time, or when the GPU decodes
+    JPEGs that idle workers could have decoded instead."""
+    if fraction < 0.02 and device_type == "cuda" and decode == "gpu" and gpu_decode_share > 0:
+        return (f"; the workers keep up, so a --gpu-decode-share below {gpu_decode_share:g} may leave more of the "
+                f"GPU to training")
     if fraction < 0.1:
         return ""
     if device_type == "cuda" and decode == "cpu":

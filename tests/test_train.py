@@ -191,7 +191,9 @@ def test_time_spent_waiting_for_the_loader_is_measured_and_explained():
         time.sleep(0.05)  # the training step: the loader is never the one holding things up
     assert waiting.seconds < 0.05
 
-    assert data_wait_advice(0.09, "cpu", 1.0, "cuda", 15) == ""
+    assert data_wait_advice(0.09, "cpu", 1.0, "cuda", 15) == data_wait_advice(0.01, "cpu", 1.0, "cuda", 15) == ""
+    assert data_wait_advice(0.01, "gpu", 0.0, "cuda", 15) == data_wait_advice(0.05, "gpu", 0.5, "cuda", 15) == ""
+    assert "a --gpu-decode-share below 0.5 may leave" in data_wait_advice(0.01, "gpu", 0.5, "cuda", 15)
     assert "try --decode gpu" in data_wait_advice(0.3, "cpu", 1.0, "cuda", 15)
     assert "raise --gpu-decode-share above 0.25" in data_wait_advice(0.3, "gpu", 0.25, "cuda", 15)
     assert "more --workers than 15" in data_wait_advice(0.3, "gpu", 1.0, "cuda", 15)
