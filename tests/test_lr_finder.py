@@ -143,10 +143,20 @@ def test_sweep_on_digits_writes_curve_json_and_plots(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--start_lr", "1", "--end_lr", "0.1"], "--start_lr"),
     (["--start_lr=1e-3", "--num_iter=1"], "--num_iter"),
-    (["--data-dir", "/nonexistent/imagenet"], "does not exist"),
+    (["--gpu-decode-share", "-0.5"], "--gpu-decode-share"),
 ])
-def test_bad_arguments_give_one_line_and_no_traceback(tmp_path, args, message):
-    done = run_finder(*args, "--output-dir", str(tmp_path / "sweep"), "--device", "cpu", timeout=60)
+def test_bad_arguments_are_refused_in_one_line(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        lr_finder.parse_args(args)
+    assert exit_info.value.code != 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], lines
+
+
+def test_a_missing_data_dir_gives_one_line_and_no_traceback(tmp_path):
+    message = "does not exist"
+    done = run_finder("--data-dir", "/nonexistent/imagenet", "--output-dir", str(tmp_path / "sweep"), "--device",
+                      "cpu", timeout=60)
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], done.stderr
