@@ -154,10 +154,9 @@ def test_bad_arguments_are_refused_in_one_line(args, message, capsys):
 
 
 def test_a_missing_data_dir_gives_one_line_and_no_traceback(tmp_path):
-    message = "does not exist"
     done = run_finder("--data-dir", "/nonexistent/imagenet", "--output-dir", str(tmp_path / "sweep"), "--device",
                       "cpu", timeout=60)
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], done.stderr
+    assert len(lines) == 1 and lines[0].startswith("error:") and "does not exist" in lines[0], done.stderr
     assert not (tmp_path / "sweep").exists()
