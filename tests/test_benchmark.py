@@ -56,7 +56,8 @@ def test_train_runs_train_pys_loop_and_relates_it_to_compute_only(bench_dir):
     [row] = benchmark("train", "--data-dir", bench_dir, "--steps", 2, "--batch-size", 4, "--image-size", 32,
                       "--workers", 1, "--warmup", 1, "--compute-steps", 2)
     assert row["what"] == "train" and row["steps"] == 4 and row["decode"] == "cpu"  # 16 images: 4 steps an epoch
-    assert row["ratio"] == pytest.approx(row["img_s"] / row["compute_only_img_s"], abs=0.001)
+    # compute_only_img_s is reported rounded to 0.1 img/s, and these CPU rates are small
+    assert row["ratio"] == pytest.approx(row["img_s"] / row["compute_only_img_s"], rel=0.01)
     assert 0 <= row["data_wait_pct"] < 100
     refused = subprocess.run([sys.executable, "benchmark.py", "train", "--data-dir", bench_dir, "--decode", "gpu",
                               "--gpu-decode-share", "0.5,2"], cwd=REPO, capture_output=True, text=True)
