@@ -17,10 +17,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import train
-from data import ImageFolderDataset, Normalizer, ValBatchSampler, make_loader, usable_cores
+from config import UsageError
+from data import ImageFolderDataset, Normalizer, ValBatchSampler, make_loader
 from dataset_paths import class_folders, count_images
+from engine import evaluate_models, split_cores, worker_signal_handling
 from inference import EXIT_BAD_INPUT, Classifier, InferenceError, load_classifier
+from runtime import AMP_DTYPES, Runtime, is_master_process, resolve_device, resolve_precision, setup_distributed
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -73,35 +75,25 @@ def amp_dtype_for(precision: str, device: torch.device, onnx: bool) -> torch.dty
         if precision not in ("auto", "fp32"):
             raise InferenceError("An ONNX model runs in the precision it was exported in; leave out --precision.")
         return None
-    if device.type == "cpu":
-        if precision == "fp16":
-            raise InferenceError("--precision fp16 needs a GPU; use bf16 or fp32 on the CPU.")
-        return torch.bfloat16 if precision == "bf16" else None
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+    return AMP_DTYPES[resolve_precision(precision, device)]
 
 
 def evaluate_classifier(clf: Classifier, data_dir: Path, image_size: int, batch_size: int, workers: int,
-                        amp_dtype: torch.dtype | None = None, flip: bool = False) -> dict:
-    """train.evaluate over data_dir/val, this process's share of it, summed over all ranks."""
-    rt = train.RT
+                        rt: Runtime, amp_dtype: torch.dtype | None = None, flip: bool = False) -> dict:
+    """train.py's validation over data_dir/val, this process's share of it, summed over all ranks."""
     dataset = ImageFolderDataset(data_dir / "val", clf.class_names, False, image_size, seed=0)
     device = rt.device if not clf.onnx else torch.device("cpu")
-    if workers < 0:
-        cores = usable_cores()
-        workers = max(1, cores // rt.local_world_size - 1)
     loader = make_loader(dataset, ValBatchSampler(len(dataset), batch_size, rt.rank, rt.world_size), workers,
-                         device.type == "cuda", train.worker_signal_handling)
+                         device.type == "cuda", worker_signal_handling)
     clf.to(device)
     if device.type == "cuda" and not clf.onnx:
         # As train.py runs it: another memory layout picks other kernels, and in bf16 that moves near-ties.
         clf.model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
-    return train.evaluate([clf.model], loader, Normalizer(device), amp_dtype, flip=flip)[0]
+    return evaluate_models([clf.model], loader, Normalizer(device), amp_dtype, flip=flip)[0]
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, rt: Runtime) -> dict:
     clf = load_classifier(args.checkpoint, weight_average=args.ema)
     if not args.data_dir and "data_dir" not in clf.config:
         raise InferenceError(f"{clf.source} does not record its dataset; pass --data-dir.")
@@ -110,9 +102,10 @@ def run(args: argparse.Namespace) -> dict:
     image_size = args.image_size or clf.image_size
     # The training batch size by default: the same batches give bit-identical logits, hence the logged top-1.
     batch_size = args.batch_size or clf.config.get("batch_size", 100)
-    amp_dtype = amp_dtype_for(args.precision, train.RT.device, clf.onnx)
+    amp_dtype = amp_dtype_for(args.precision, rt.device, clf.onnx)
     flip = clf.config.get("eval_flip", False) if args.tta_flip is None else args.tta_flip
-    metrics = evaluate_classifier(clf, data_dir, image_size, batch_size, args.workers, amp_dtype, flip)
+    metrics = evaluate_classifier(clf, data_dir, image_size, batch_size, split_cores(args.workers, rt), rt,
+                                  amp_dtype, flip)
     if metrics["val_images"] + metrics["val_skipped"] != expected:
         raise RuntimeError(f"Counted {metrics['val_images']} + {metrics['val_skipped']} unreadable images, "
                            f"expected {expected}: the split across processes lost or repeated some.")
@@ -123,8 +116,8 @@ def run(args: argparse.Namespace) -> dict:
     return {"acc1": metrics["val_acc1"], "acc5": metrics["val_acc5"], "loss": metrics["val_loss"],
             "images": metrics["val_images"], "unreadable_images": metrics["val_skipped"],
             "checkpoint": str(clf.source), "arch": clf.arch, "data_dir": str(data_dir), "image_size": image_size,
-            "tta_flip": flip, "weight_average": args.ema, "device": train.RT.device.type,
-            "processes": train.RT.world_size,
+            "tta_flip": flip, "weight_average": args.ema, "device": rt.device.type,
+            "processes": rt.world_size,
             "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype],
             "logged_val_acc1": logged}
 
@@ -145,17 +138,15 @@ def report(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        # train.evaluate sums over ranks through train.all_reduce, which reads train.RT: set it for this process.
-        train.RT = train.setup_distributed(train.resolve_device(args.device))
-        result = run(args)
-    except (InferenceError, train.UsageError) as err:
-        if train.RT.master:
+        result = run(args, setup_distributed(resolve_device(args.device)))
+    except (InferenceError, UsageError) as err:
+        if is_master_process():
             print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    if train.RT.master:
+    if is_master_process():
         print(json.dumps(result) if args.json else report(result))
     return 0
 

@@ -33,7 +33,9 @@ import torch
 import evaluate
 from data import ImageFolderDataset, Normalizer
 from dataset_paths import class_folders
+from engine import loader_workers
 from inference import EXIT_BAD_INPUT, Classifier, InferenceError, load_classifier, onnx_session
+from runtime import Runtime
 
 EXIT_PARITY = 1
 PARITY_BATCH = 8
@@ -211,7 +213,8 @@ def quantize(clf: Classifier, args: argparse.Namespace) -> dict:
     with torch.no_grad():
         int8_diff = max_abs_diff(int8.model(x), clf.model(x))
     batch = clf.config.get("batch_size", 100)
-    scores = {name: evaluate.evaluate_classifier(model, data_dir, clf.image_size, batch, workers=-1)
+    cpu = Runtime()
+    scores = {name: evaluate.evaluate_classifier(model, data_dir, clf.image_size, batch, loader_workers(-1, cpu), cpu)
               for name, model in (("fp32", clf), ("int8", int8))}
     result = {"fp32_onnx": str(fp32_path), "int8_onnx": str(int8_path), "fp32_onnx_max_abs_diff": fp32_diff,
               "int8_max_abs_diff": int8_diff, "calibration_images": calibration.count,

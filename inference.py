@@ -111,7 +111,7 @@ def load_classifier(path: str | os.PathLike, weight_average: bool = False) -> Cl
 
 
 class OnnxModule(torch.nn.Module):
-    """An onnxruntime session behind the nn.Module call interface, so train.evaluate can score exported and
+    """An onnxruntime session behind the nn.Module call interface, so engine.evaluate_models can score exported and
     quantized models with the very code that scored the checkpoint."""
 
     def __init__(self, session):

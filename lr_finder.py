@@ -15,7 +15,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,21 +23,11 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import LATEST, PREVIOUS
-from data import TrainBatchSampler, make_demo_dataset, make_loader, usable_cores
+from config import EXIT_BAD_INPUT, Config, UsageError, add_config_argument, config_from_flags
+from data import make_demo_dataset
 from dataset_paths import DEMO_DATA_DIR, DEMO_OUTPUT_DIR, REPO_DIR, DatasetLayoutError, check_layout
-from model import ARCHITECTURES
-from recipes import RECIPES, parameter_groups
-from train import (
-    AMP_DTYPES,
-    DEMO_SETTINGS,
-    EXIT_BAD_INPUT,
-    Config,
-    UsageError,
-    add_config_argument,
-    input_pipeline,
-    resolve_device,
-    resolve_precision,
-)
+from engine import build_data, build_model, build_training, split_cores, train_step
+from runtime import Runtime, resolve_device
 
 DEFAULT_OUTPUT_DIR = REPO_DIR / "runs" / "lr_finder"
 DEMO_SWEEP_OUTPUT_DIR = REPO_DIR / "runs" / "lr_finder_demo"
@@ -81,8 +71,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     for key in vars(sweep).keys() & explicit.keys():
         setattr(sweep, key, explicit[key])
     sweep.smoothing = explicit.get("smoothing", default_smoothing(sweep.num_iter))
-    cfg = Config(**{**RECIPES[explicit.get("recipe", "seed")], **(DEMO_SETTINGS if explicit.get("demo") else {}),
-                    **{k: v for k, v in explicit.items() if k in SHARED_SETTINGS or k == "demo"}})
+    cfg = config_from_flags({k: v for k, v in explicit.items() if k in SHARED_SETTINGS or k == "demo"})
     problems = []
     if not 0 < sweep.start_lr < sweep.end_lr:
         problems.append(f"need 0 < --start_lr < --end_lr, got {sweep.start_lr:g} and {sweep.end_lr:g}")
@@ -192,24 +181,12 @@ def suggest(lrs, losses, smoothed, beta: float) -> dict:
 # ---------------------------------------------------------------------------------------------------- the sweep
 
 def run_sweep(cfg: Config, sweep: argparse.Namespace, classes: list[str], device: torch.device) -> dict:
-    amp_dtype = AMP_DTYPES[resolve_precision(cfg.precision, device)]
-    torch.manual_seed(cfg.seed)
-    model = ARCHITECTURES[cfg.arch](num_classes=len(classes)).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-        torch.backends.cudnn.benchmark = True
-    optimizer = torch.optim.SGD(parameter_groups(model, cfg.weight_decay, cfg.bias_decay), lr=sweep.start_lr,
-                                momentum=cfg.momentum)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    dataset, collate_fn, pin, normalize = input_pipeline(cfg.decode, device, cfg.gpu_decode_share)
-    train_set = dataset(Path(cfg.data_dir) / "train", classes, True, cfg.image_size, cfg.seed, cfg.min_crop_scale)
-    sampler = TrainBatchSampler(len(train_set), cfg.batch_size, 0, 1, cfg.seed)
-    if sampler.steps_per_epoch() == 0:
-        raise UsageError(f"The training set has {len(train_set)} images, fewer than one batch ({cfg.batch_size}); "
-                         f"lower --batch-size.")
-    workers = cfg.workers if cfg.workers >= 0 else max(1, usable_cores() - 1)
-    loader = make_loader(train_set, sampler, workers, pin, collate_fn=collate_fn)
+    rt = Runtime(device=device)
+    workers = split_cores(cfg.workers, rt)
+    training = build_training(build_model(cfg, len(classes)), cfg, rt)
+    # The ramp runs at the final resolution: progressive resizing is a schedule over a whole run.
+    data = build_data(replace(cfg, start_image_size=0), classes, rt, workers, with_val=False)
+    sampler, loader = data.sampler, data.train_loader
 
     def batches():  # as many epochs, in train.py's order, as the ramp needs
         for epoch in range(math.ceil(sweep.num_iter / sampler.steps_per_epoch())):
@@ -218,19 +195,12 @@ def run_sweep(cfg: Config, sweep: argparse.Namespace, classes: list[str], device
 
     lrs, losses, smoothed, stop_reason = lr_ramp(sweep.start_lr, sweep.end_lr, sweep.num_iter), [], [], None
     smoother, bar = SmoothedLoss(sweep.smoothing), tqdm(total=sweep.num_iter, unit="step", file=sys.stdout)
-    model.train()
-    for lr, (images, labels, skipped) in zip(lrs, batches(), strict=False):
-        x = normalize(images)  # first: decoding on the device may replace images, labels and skipped
+    training.raw_model.train()
+    for step, (lr, (images, labels, skipped)) in enumerate(zip(lrs, batches(), strict=False)):
+        x = data.to_model_input(images)  # first: decoding on the device may replace images, labels and skipped
         for line in skipped:
             tqdm.write(f"Skipped an unreadable training image: {line}")
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = criterion(model(x), labels.to(device, non_blocking=True))
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        loss, _ = train_step(training, x, labels.to(device, non_blocking=True), lr, step)
         losses.append(loss.item())  # one host sync per step: the stop rule needs every value
         smoothed.append(smoother(losses[-1]))
         bar.update()
@@ -241,7 +211,7 @@ def run_sweep(cfg: Config, sweep: argparse.Namespace, classes: list[str], device
             break
     bar.close()
     return {"lr": [float(x) for x in lrs[:len(losses)]], "loss": losses, "smoothed": smoothed,
-            "stop_reason": stop_reason, "precision": str(amp_dtype or "fp32").replace("torch.", "")}
+            "stop_reason": stop_reason, "precision": training.precision}
 
 
 # ---------------------------------------------------------------------------------------------------- outputs

@@ -297,8 +297,8 @@ def forced_device_decode(*args) -> list[str]:
     as it would on a GPU."""
     args = [str(a) for a in (*args, "--decode", "gpu", "--gpu-decode-share", "0.5")]
     return [sys.executable, "-c", f"""
-import sys, gpu_decode, train
-train.decode_on_device = lambda *_: True
+import sys, engine, gpu_decode, train
+engine.decode_on_device = lambda *_: True
 files, decode = [0], gpu_decode.DeviceBatchDecoder.decode
 def counting_decode(self, batch):
     files[0] += len(batch.lengths)
@@ -358,8 +358,8 @@ def test_train_py_on_device_decoded_batches_counts_like_the_cpu_path_learns_and_
 
 
 def test_decode_gpu_without_a_gpu_falls_back_to_the_workers(capsys):
-    import train
+    import engine
 
-    dataset, collate_fn, pin, prepare = train.input_pipeline("gpu", CPU, 0.5)
+    dataset, collate_fn, pin, prepare = engine.input_pipeline("gpu", CPU, 0.5)
     assert (dataset, collate_fn, pin, type(prepare)) == (ImageFolderDataset, collate, False, Normalizer)
     assert "there is no GPU, so the loader workers decode the JPEGs" in capsys.readouterr().out

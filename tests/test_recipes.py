@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from compare_recipes import PHOTOS, TRAIN_PER_CLASS, VAL_PER_CLASS, make_photo_patches
+from config import parse_config
 from dataset_paths import check_layout
 from model import resnet50
 from recipes import INSTANCE_PRICES, RECIPES, STEP_MILESTONES, WeightAverage, learning_rate, parameter_groups, peak_lr
-from train import parse_config
 
 PEAK, DIV, FINAL_DIV = 0.8, 25.0, 1e4
 

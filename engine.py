@@ -1,0 +1,226 @@
+"""The parts of training that every script shares: the model and its optimizer, one training step, the
+evaluation pass, and the input pipeline that turns JPEG folders into batches on the device. train.py,
+lr_finder.py, evaluate.py and benchmark.py build on these, so a change to the step is made once.
+"""
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from config import Config, UsageError
+from data import ImageFolderDataset, Normalizer, TrainBatchSampler, ValBatchSampler, collate, make_loader, usable_cores
+from gpu_decode import DeviceBatchDecoder, EncodedImageFolderDataset, collate_encoded
+from model import ARCHITECTURES
+from recipes import WeightAverage, parameter_groups
+from runtime import AMP_DTYPES, Runtime, all_reduce, log, resolve_precision
+
+# ---------------------------------------------------------------------------------------------------- threads
+
+
+def loader_workers(requested: int, rt: Runtime) -> int:
+    """--workers, or for -1 this process's share of the cores: on a GPU all but one (the main process feeds
+    the GPU), on the CPU one (the rest compute)."""
+    cores = max(1, usable_cores() // rt.local_world_size)
+    return requested if requested >= 0 else 1 if rt.device.type == "cpu" else max(1, cores - 1)
+
+
+def split_cores(requested_workers: int, rt: Runtime) -> int:
+    """The loader workers for this process, and, on the CPU, torch's compute threads: the cores left over.
+    Compute threads spin while they wait for each other; sharing cores with loader workers or other ranks
+    makes them over ten times slower (measured on 2 cores)."""
+    workers = loader_workers(requested_workers, rt)
+    if rt.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, usable_cores() // rt.local_world_size - workers))
+    return workers
+
+
+# ---------------------------------------------------------------------------------------------------- model
+
+@dataclass
+class Training:
+    """What one training step needs. raw_model is the bare network: saved, evaluated and averaged; model is
+    what the step runs (raw_model itself, or wrapped by DDP and torch.compile)."""
+    raw_model: torch.nn.Module
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    criterion: torch.nn.Module
+    ema: WeightAverage | None
+    precision: str  # bf16, fp16 or fp32: what --precision resolved to on this device
+    amp_dtype: torch.dtype | None  # autocast's dtype; None runs in fp32
+
+
+def build_model(cfg: Config, num_classes: int) -> torch.nn.Module:
+    """Seeded first, so the initial weights are a function of --seed alone."""
+    torch.manual_seed(cfg.seed)
+    return ARCHITECTURES[cfg.arch](num_classes=num_classes)
+
+
+def build_training(raw_model: torch.nn.Module, cfg: Config, rt: Runtime, channels_last: bool = True) -> Training:
+    device = rt.device
+    precision = resolve_precision(cfg.precision, device)
+    amp_dtype = AMP_DTYPES[precision]
+    raw_model = raw_model.to(device)
+    if device.type == "cuda":
+        if channels_last:  # the layout tensor cores read without transposing; ~2x faster in bf16
+            raw_model = raw_model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+    optimizer = torch.optim.SGD(parameter_groups(raw_model, cfg.weight_decay, cfg.bias_decay), lr=cfg.lr,
+                                momentum=cfg.momentum)
+    ema = WeightAverage(raw_model, cfg.ema_decay) if cfg.ema_decay else None
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    model = raw_model
+    if rt.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(raw_model,
+                                                          device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    return Training(raw_model, model, optimizer, scaler, criterion, ema, precision, amp_dtype)
+
+
+def train_step(t: Training, x: torch.Tensor, labels: torch.Tensor, lr: float, step: int):
+    """One optimizer step at learning rate lr; returns the (detached) loss and logits. Nothing here waits for
+    the device, so the host can queue the next step while this one runs."""
+    for group in t.optimizer.param_groups:
+        group["lr"] = lr
+    with torch.autocast(x.device.type, dtype=t.amp_dtype, enabled=t.amp_dtype is not None):
+        logits = t.model(x)
+        loss = t.criterion(logits, labels)
+    t.optimizer.zero_grad(set_to_none=True)
+    t.scaler.scale(loss).backward()
+    t.scaler.step(t.optimizer)
+    t.scaler.update()
+    if t.ema:
+        t.ema.update(step)
+    return loss.detach(), logits.detach()
+
+
+def accuracy_counts(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    hits = top5 == labels[:, None]
+    return hits[:, 0].sum(), hits.any(dim=1).sum()
+
+
+@torch.no_grad()
+def evaluate_models(models: list[torch.nn.Module], loader, to_model_input, amp_dtype: torch.dtype | None,
+                    flip: bool = False) -> list[dict]:
+    """Loss, top-1 and top-5 of each model over this rank's share of `loader`, summed over all ranks: exact
+    counts, no padded duplicates. Several models share one pass over the data, so decoding is paid once.
+    flip=True averages the logits of each image and its mirror image."""
+    device = to_model_input.device
+    modes = [m.training for m in models]
+    for model in models:
+        model.eval()
+    sums = torch.zeros(len(models), 5, dtype=torch.float64, device=device)
+    for images, labels, skipped in loader:
+        x = to_model_input(images)  # first: decoding on the device may blank images and relabel them -1
+        labels = labels.to(device, non_blocking=True)
+        for line in skipped:
+            log(f"Skipped an unreadable val image: {line}")
+        good = labels >= 0
+        for i, model in enumerate(models):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = model(x).float()
+                if flip:
+                    logits = (logits + model(x.flip(3)).float()) / 2
+            top1, top5 = accuracy_counts(logits[good], labels[good])
+            sums[i] += torch.stack([F.cross_entropy(logits[good], labels[good], reduction="sum").double(),
+                                    top1.double(), top5.double(), good.sum().double(), (~good).sum().double()])
+    for model, mode in zip(models, modes, strict=True):
+        model.train(mode)
+    return [{"val_loss": loss / max(images, 1), "val_acc1": 100 * top1 / max(images, 1),
+             "val_acc5": 100 * top5 / max(images, 1), "val_images": int(images), "val_skipped": int(skipped)}
+            for loss, top1, top5, images, skipped in all_reduce(sums).tolist()]
+
+
+# ---------------------------------------------------------------------------------------------------- input
+
+WORKER_GRACE_SECONDS = 60
+
+
+def worker_signal_handling(_worker_id: int) -> None:
+    """Loader workers must keep serving batches until the main process has finished its step and saved.
+    Ctrl-C reaches the whole process group: workers ignore it. A shutdown (spot interruption) sends SIGTERM
+    to every process at once: a worker's first SIGTERM gives it WORKER_GRACE_SECONDS more to live, a second
+    one (the loader shutting it down) ends it at once."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def reprieve(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.alarm(WORKER_GRACE_SECONDS)
+
+    signal.signal(signal.SIGTERM, reprieve)
+
+
+def decode_on_device(requested: str, device: torch.device) -> bool:
+    """--decode gpu takes effect where there is a GPU to decode on."""
+    return requested == "gpu" and device.type == "cuda"
+
+
+def input_pipeline(decode: str, device: torch.device, gpu_decode_share: float):
+    """What --decode means on this device: (dataset class, collate function, pin_memory, to_model_input: the
+    callable that turns a collated batch into the model's normalized input on the device)."""
+    if decode_on_device(decode, device):
+        # The device decoder corrects labels in place (an undecodable file), which pinned copies would not
+        # show; file bytes gain nothing from pinning anyway.
+        return (partial(EncodedImageFolderDataset, device_share=gpu_decode_share), collate_encoded, False,
+                DeviceBatchDecoder(device))
+    if decode == "gpu":
+        log("--decode gpu: there is no GPU, so the loader workers decode the JPEGs (--decode cpu).")
+    return ImageFolderDataset, collate, device.type == "cuda", Normalizer(device)
+
+
+class LoaderWait:
+    """Iterates a loader, adding up the time the loop is blocked waiting for its next batch. The loop queues
+    work on a GPU far ahead of it, so that wait is time the GPU sits idle for want of data."""
+
+    def __init__(self, loader):
+        self.loader, self.seconds = loader, 0.0
+        self.first_batch_seconds = 0.0  # most of it the workers' start-up, paid once per pass over the loader
+
+    def __iter__(self):
+        batches = iter(self.loader)
+        while True:
+            start = time.perf_counter()
+            batch = next(batches, None)
+            self.seconds += time.perf_counter() - start
+            if not self.first_batch_seconds:
+                self.first_batch_seconds = self.seconds
+            if batch is None:
+                return
+            yield batch
+
+
+@dataclass
+class Data:
+    train_set: ImageFolderDataset
+    sampler: TrainBatchSampler
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader | None
+    to_model_input: Normalizer | DeviceBatchDecoder  # a loader batch -> the model's input on the device
+
+
+def build_data(cfg: Config, classes: list[str], rt: Runtime, workers: int, with_val: bool = True) -> Data:
+    """Loaders over data_dir's train/ (this rank's shard, in the resumable order of data.py) and val/."""
+    root = Path(cfg.data_dir)
+    dataset, collate_fn, pin, to_model_input = input_pipeline(cfg.decode, rt.device, cfg.gpu_decode_share)
+    train_set = dataset(root / "train", classes, True, cfg.image_size, cfg.seed, cfg.min_crop_scale,
+                        cfg.start_image_size, cfg.epochs)
+    sampler = TrainBatchSampler(len(train_set), cfg.batch_size, rt.rank, rt.world_size, cfg.seed)
+    if sampler.steps_per_epoch() == 0:
+        raise UsageError(f"The training set has {len(train_set)} images, fewer than one global batch "
+                         f"({cfg.batch_size} x {rt.world_size} processes); lower --batch-size.")
+    train_loader = make_loader(train_set, sampler, workers, pin, worker_signal_handling, collate_fn)
+    val_loader = None
+    if with_val:
+        val_set = dataset(root / "val", classes, False, cfg.eval_image_size or cfg.image_size, cfg.seed)
+        val_loader = make_loader(val_set, ValBatchSampler(len(val_set), cfg.batch_size, rt.rank, rt.world_size),
+                                 workers, pin, worker_signal_handling, collate_fn)
+    return Data(train_set, sampler, train_loader, val_loader, to_model_input)

@@ -1,0 +1,97 @@
+"""What a training run leaves for its user to read: metrics.csv (one row per epoch, kept across resumes), the
+training curves, the archive --no-resume makes of an earlier run, and the advice in the epoch summary."""
+
+import csv
+import os
+import time
+from pathlib import Path
+
+from checkpoint import LATEST, PREVIOUS
+from runtime import log
+
+METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc1", "train_acc5", "val_loss", "val_acc1", "val_acc5",
+                  "epoch_seconds", "images_per_second", "train_images", "val_images", "skipped_images", "image_size",
+                  "val_seconds", "ema_val_loss", "ema_val_acc1", "ema_val_acc5", "data_wait_pct",
+                  "first_batch_seconds"]
+
+
+def append_metrics(path: Path, rows: list[dict]) -> None:
+    """Add the rows whose epoch is not in the file yet: the file keeps its history across resumes and never
+    gets a duplicate row, even when a resume repeats an epoch whose checkpoint was lost. The new file is
+    written beside the old one and renamed over it, so a full disk or a kill never leaves half a row."""
+    kept = []
+    if path.exists():
+        with open(path, newline="") as f:
+            kept = list(csv.DictReader(f))
+    done = {int(row["epoch"]) for row in kept}
+    new_rows = [row for row in rows if row["epoch"] not in done]
+    if not new_rows:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(kept + new_rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def plot_history(history: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
+    ax_loss.plot(epochs, [r["val_loss"] for r in history], "o-", label="val")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
+    ax_acc.plot(epochs, [r["train_acc1"] for r in history], "o-", label="train top-1")
+    ax_acc.plot(epochs, [r["val_acc1"] for r in history], "o-", label="val top-1")
+    ax_acc.plot(epochs, [r["val_acc5"] for r in history], "--", label="val top-5")
+    ema_acc1 = [r.get("ema_val_acc1") for r in history]
+    if None not in ema_acc1:
+        ax_acc.plot(epochs, ema_acc1, "o:", label="val top-1, weight average")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def move_run_aside(output_dir: Path) -> None:
+    """--no-resume never destroys a previous run: its files go to a timestamped subfolder."""
+    old = [output_dir / n for n in (LATEST, PREVIOUS, "metrics.csv", "training_curves.png")]
+    old = [p for p in old if p.exists()]
+    if old:
+        archive = output_dir / time.strftime("previous-%Y%m%d-%H%M%S")
+        archive.mkdir()
+        for p in old:
+            os.replace(p, archive / p.name)
+        log(f"--no-resume: moved the previous run's files to {archive}")
+
+
+def format_duration(seconds: float) -> str:
+    if seconds >= 5400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def data_wait_advice(fraction: float, decode: str, gpu_decode_share: float, device_type: str, workers: int) -> str:
+    """What to try when training waited for data more than a tenth of the time, or when the GPU decodes
+    JPEGs that idle workers could have decoded instead."""
+    if fraction < 0.02 and device_type == "cuda" and decode == "gpu" and gpu_decode_share > 0:
+        return (f"; the workers keep up, so a --gpu-decode-share below {gpu_decode_share:g} may leave more of the "
+                f"GPU to training")
+    if fraction < 0.1:
+        return ""
+    if device_type == "cuda" and decode == "cpu":
+        return "; the loader workers cannot keep up: try --decode gpu"
+    if device_type == "cuda" and gpu_decode_share < 1:
+        return f"; the loader workers cannot keep up: raise --gpu-decode-share above {gpu_decode_share:g}"
+    return f"; the loader cannot keep up: try more --workers than {workers} if cores are idle, or a faster disk"
