@@ -5,10 +5,11 @@ Precedence: Config's defaults < the recipe < --demo's settings < flags given on 
 """
 
 import argparse
-from dataclasses import dataclass, field, fields, replace
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from dataset_paths import DEFAULT_DATA_DIR, DEFAULT_OUTPUT_DIR, DEMO_DATA_DIR, DEMO_OUTPUT_DIR
-from model import ARCHITECTURES
+from model import ARCHITECTURES, MIN_IMAGE_SIZE
 from recipes import INSTANCE_PRICES, RECIPES, SCHEDULES
 
 EXIT_BAD_INPUT = 2  # the user can fix it: a data layout, a flag, a checkpoint
@@ -33,7 +34,9 @@ class Config:
     arch: str = setting("resnet50", "network; the small ones are for quick CPU runs", choices=list(ARCHITECTURES))
     epochs: int = setting(50, "passes over the training set")
     batch_size: int = setting(256, "images per GPU (per process) and step")
-    lr: float = setting(0.175, "peak learning rate (per --lr-reference-batch images when that is set)")
+    lr: float = setting(0.175, "peak learning rate per --lr-reference-batch images of global batch (the recipes "
+                               "set 256: on N GPUs x 256 the peak is N x --lr); with --lr-reference-batch 0, "
+                               "the peak itself")
     lr_reference_batch: int = setting(0, "scale --lr linearly by global batch / this many images; 0: use --lr as is")
     schedule: str = setting("onecycle", "LR schedule: onecycle (cosine up and down), linear or cosine (after a "
                                         "linear warm-up), step (/10 at 1/3, 2/3 and 8/9 of the run)",
@@ -130,9 +133,17 @@ def parse_config(argv: list[str] | None = None) -> Config:
 
 
 def config_problems(cfg: Config) -> list[str]:
-    problems = [f"--{name.replace('_', '-')} must be positive" for name in
-                ("epochs", "batch_size", "lr", "image_size", "log_every", "checkpoint_minutes")
-                if getattr(cfg, name) <= 0]
+    """Every setting that cannot work, found before anything is built or trained."""
+    problems = [f"--{name.replace('_', '-')} must be a finite number, not {value}"
+                for name, value in asdict(cfg).items() if isinstance(value, float) and not math.isfinite(value)]
+    problems += [f"--{name.replace('_', '-')} must be positive" for name in
+                 ("epochs", "batch_size", "lr", "image_size", "log_every", "checkpoint_minutes")
+                 if getattr(cfg, name) <= 0]
+    if 0 < cfg.image_size < MIN_IMAGE_SIZE or 0 < cfg.eval_image_size < MIN_IMAGE_SIZE:
+        problems.append(f"--image-size and --eval-image-size must be at least {MIN_IMAGE_SIZE} pixels, the networks' "
+                        f"total downsampling ({cfg.image_size} and {cfg.eval_image_size} given)")
+    if cfg.workers < -1:
+        problems.append(f"--workers must be -1 (one per free core) or 0 and up, not {cfg.workers}")
     if cfg.usd_per_hour < 0 or cfg.lr_reference_batch < 0:
         problems.append("--usd-per-hour and --lr-reference-batch cannot be negative")
     if not (cfg.start_image_size == 0 or 16 <= cfg.start_image_size <= cfg.image_size) or cfg.eval_image_size < 0:

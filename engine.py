@@ -147,10 +147,11 @@ WORKER_GRACE_SECONDS = 60
 
 def worker_signal_handling(_worker_id: int) -> None:
     """Loader workers must keep serving batches until the main process has finished its step and saved.
-    Ctrl-C reaches the whole process group: workers ignore it. A shutdown (spot interruption) sends SIGTERM
-    to every process at once: a worker's first SIGTERM gives it WORKER_GRACE_SECONDS more to live, a second
-    one (the loader shutting it down) ends it at once."""
+    Ctrl-C and a dropped SSH connection's SIGHUP reach the whole process group: workers ignore them. A shutdown
+    (spot interruption) sends SIGTERM to every process at once: a worker's first SIGTERM gives it
+    WORKER_GRACE_SECONDS more to live, a second one (the loader shutting it down) ends it at once."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
     def reprieve(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -91,4 +91,8 @@ def resnet14_tiny(num_classes: int = 1000, zero_init_residual: bool = True) -> R
     return ResNet([1, 1, 1, 1], num_classes, 8, zero_init_residual)
 
 
+# Every network here downsamples by 32 in all. A smaller crop leaves the last stages convolving padding
+# around a single position: it runs, but learns nothing an ImageNet model should.
+MIN_IMAGE_SIZE = 32
+
 ARCHITECTURES = {"resnet50": resnet50, "resnet26_narrow": resnet26_narrow, "resnet14_tiny": resnet14_tiny}

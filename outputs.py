@@ -1,13 +1,66 @@
-"""What a training run leaves for its user to read: metrics.csv (one row per epoch, kept across resumes), the
-training curves, the archive --no-resume makes of an earlier run, and the advice in the epoch summary."""
+"""A training run's output folder: the lock that keeps a second run out of it, metrics.csv (one row per epoch,
+kept across resumes), the training curves, the archive --no-resume makes of an earlier run, and the advice in
+the epoch summary."""
 
 import csv
+import errno
+import fcntl
+import json
 import os
+import socket
+import sys
 import time
 from pathlib import Path
 
 from checkpoint import LATEST, PREVIOUS
+from config import UsageError
 from runtime import log
+
+LOCK_FILE = "train.lock"
+
+
+def lock_output_dir(out: Path):
+    """Hold an exclusive lock on out/train.lock for as long as the returned file stays open. The kernel drops
+    it when the process ends in any way, kill -9 included, so a crash never leaves a stale lock. A POSIX
+    record lock, not flock: forked loader workers, which outlive a killed parent by seconds, do not inherit it.
+    Refuses a folder that another run holds, and one this process cannot write in, before any work is done."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        lock = open(out / LOCK_FILE, "a+")
+    except OSError as err:
+        raise UsageError(f"Cannot write in the output folder {out} ({err.strerror or err}): checkpoints could not "
+                         f"be saved. Fix its permissions or mount, or pass another --output-dir.") from err
+    try:
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno not in (errno.EACCES, errno.EAGAIN):
+            raise
+        lock.seek(0)
+        holder = lock.read()
+        lock.close()
+        raise UsageError(f"Another training run is using {out}: {describe_holder(holder)}. Two runs in one folder "
+                         f"would overwrite each other's checkpoints, so this one does not start. Watch the running "
+                         f"one with `tmux attach -t resnet50` if setup_and_train.sh started it (its logs are in "
+                         f"{out / 'logs'}), or stop it (a plain `kill PID` saves a checkpoint first) and rerun this "
+                         f"command to continue the run. For a second run, pass another --output-dir.") from None
+    lock.seek(0)
+    lock.truncate()
+    json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+               "command": " ".join(sys.argv)}, lock)
+    lock.flush()
+    return lock
+
+
+def describe_holder(text: str) -> str:
+    try:
+        holder = json.loads(text)
+        return (f"process {holder['pid']} on {holder['host']}, started {holder['started']} as "
+                f"`{holder['command']}`")
+    except (ValueError, KeyError, TypeError):
+        return "a process that did not say which (the lock file is empty or from another version)"
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc1", "train_acc5", "val_loss", "val_acc1", "val_acc5",
                   "epoch_seconds", "images_per_second", "train_images", "val_images", "skipped_images", "image_size",

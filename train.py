@@ -47,7 +47,14 @@ from engine import (
     split_cores,
     train_step,
 )
-from outputs import append_metrics, data_wait_advice, format_duration, move_run_aside, plot_history
+from outputs import (
+    append_metrics,
+    data_wait_advice,
+    format_duration,
+    lock_output_dir,
+    move_run_aside,
+    plot_history,
+)
 from recipes import WeightAverage, learning_rate, parameter_groups, peak_lr
 from runtime import Runtime, all_reduce, launch_one_process_per_gpu, log, resolve_device, setup_distributed
 
@@ -55,18 +62,27 @@ from runtime import Runtime, all_reduce, launch_one_process_per_gpu, log, resolv
 
 
 class StopRequest:
-    """SIGTERM (spot interruption notice, `kill`) or Ctrl-C: finish the step, save, exit 0.
-    A second Ctrl-C quits at once without saving."""
+    """SIGTERM (spot interruption notice, `kill`), SIGHUP (the SSH connection of a run started without tmux
+    dropped) or Ctrl-C: finish the step, save, exit 0. A second Ctrl-C quits at once without saving."""
 
     def __init__(self):
         self.signal_name = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self.handle)
 
     def handle(self, signum, frame):
         if self.signal_name and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
+        if signum == signal.SIGHUP:
+            # Writing to a terminal that is gone fails, and the save must not die of a progress bar. Output
+            # that goes to a file (nohup, tee) still reaches it.
+            for stream in (sys.stdout, sys.stderr):
+                if stream.isatty():
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+            log("SIGHUP received: the terminal went away. Saving a checkpoint after this step, then stopping; "
+                "rerun the same command (in tmux, or through setup_and_train.sh) to continue.")
+            return
         log(f"{self.signal_name} received: saving a checkpoint after this step (Ctrl-C again quits without saving).")
 
 
@@ -133,7 +149,20 @@ def checkpoint_state(run: Run, epoch_sums: torch.Tensor, seconds: float) -> dict
     }
 
 
+def check_weights_finite(run: Run) -> None:
+    """A step can turn the weights non-finite after a finite loss; such weights must never become the last good
+    checkpoint. Every rank checks (DDP keeps them identical), so all stop together."""
+    t = run.training
+    tensors = [v for m in [t.raw_model] + ([t.ema.model] if t.ema else []) for v in m.state_dict().values()
+               if v.is_floating_point()]
+    if not torch.stack([v.isfinite().all() for v in tensors]).all():
+        raise NonFiniteLoss(f"The weights became non-finite in epoch {run.epoch + 1} at step {run.global_step()}, "
+                            f"so they were not saved. The last good checkpoint in {run.out} is untouched. Try a "
+                            f"lower --lr, or --precision bf16/fp32 instead of fp16.")
+
+
 def save(run: Run, epoch_sums: torch.Tensor, seconds: float) -> None:
+    check_weights_finite(run)
     if not run.rt.master:
         return
     try:
@@ -160,7 +189,8 @@ def resume(run: Run, state: dict) -> None:
                          f"{saved['arch']} to continue it, or --no-resume to start over.")
     t.raw_model.load_state_dict(state["model"])
     t.optimizer.load_state_dict(state["optimizer"])
-    t.scaler.load_state_dict(state["grad_scaler"])
+    if state["grad_scaler"]:  # a bf16 or fp32 run saves its disabled scaler as {}: an fp16 resume starts afresh
+        t.scaler.load_state_dict(state["grad_scaler"])
     run.epoch, run.samples_done, run.history = state["epoch"], state["samples_done"], state["history"]
     run.carried = torch.tensor(state["epoch_sums"], dtype=torch.float64)
     run.carried_seconds = state["epoch_seconds"]
@@ -205,11 +235,13 @@ class EpochResult:
 
 
 def train_epoch(run: Run) -> EpochResult:
-    """One epoch from run.samples_done on."""
+    """One epoch from run.samples_done on. The host waits for the device only at the sync points, every
+    --log-every steps: counts known on the host stay there until then."""
     cfg, device, data = run.cfg, run.rt.device, run.data
     data.sampler.set_epoch(run.epoch, run.samples_done)
     run.training.raw_model.train()
-    sums = torch.zeros(5, dtype=torch.float64, device=device)  # this process's share since the resume
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top-1, top-5 since the epoch (re)started
+    images = skipped_images = 0  # this process's, since the epoch (re)started
     steps, per_epoch = len(data.sampler), data.sampler.steps_per_epoch()
     bar = tqdm(total=per_epoch, initial=per_epoch - steps, unit="step", file=sys.stdout, dynamic_ncols=True,
                desc=f"epoch {run.epoch + 1}/{cfg.epochs} {data.train_set.image_size_at(run.epoch)}px",
@@ -218,25 +250,24 @@ def train_epoch(run: Run) -> EpochResult:
     last_save, synced_steps = time.monotonic(), 0
     waiting = LoaderWait(data.train_loader)
     epoch_sums = run.carried
-    for i, (images, labels, skipped) in enumerate(waiting):
-        x = data.to_model_input(images)  # first: decoding on the device may replace images, labels and skipped
+    for i, (batch, labels, skipped) in enumerate(waiting):
+        x = data.to_model_input(batch)  # first: decoding on the device may replace images, labels and skipped
         labels = labels.to(device, non_blocking=True)
         for line in skipped:
             log(f"Skipped an unreadable training image: {line}")
         lr = run.lr_at(run.global_step())
         loss, logits = train_step(run.training, x, labels, lr, run.global_step())
         top1, top5 = accuracy_counts(logits, labels)
-        sums += torch.stack([loss.double() * len(labels), top1.double(), top5.double(),
-                             torch.tensor(float(len(labels)), device=device),
-                             torch.tensor(float(len(skipped)), device=device)])
+        sums += torch.stack([loss.double() * len(labels), top1.double(), top5.double()])
+        images, skipped_images = images + len(labels), skipped_images + len(skipped)
         run.samples_done += data.sampler.global_batch
         if (i + 1) % cfg.log_every and i != steps - 1:
             continue
-        # The host sync point: one all-reduce carries the metrics and every rank's votes, so all ranks take the
-        # same decisions at the same step.
+        # The sync point: one all-reduce carries the metrics and every rank's votes, so all ranks take the same
+        # decisions at the same step.
         due = run.rt.master and time.monotonic() - last_save >= cfg.checkpoint_minutes * 60
-        votes = torch.tensor([run.stop.signal_name is not None, due], dtype=torch.float64, device=device)
-        packet = all_reduce(torch.cat([sums, votes])).cpu()
+        host = [images, skipped_images, run.stop.signal_name is not None, due]
+        packet = all_reduce(torch.cat([sums, torch.tensor(host, dtype=torch.float64, device=device)])).cpu()
         epoch_sums = run.carried + packet[:5]
         if not math.isfinite(epoch_sums[0]):
             raise NonFiniteLoss(f"The training loss became non-finite in epoch {run.epoch + 1} at step "
@@ -254,8 +285,6 @@ def train_epoch(run: Run) -> EpochResult:
                 bar.close()
                 return EpochResult("stop", epoch_sums, 0.0, 0.0, 0.0)
     bar.close()
-    if steps == 0:
-        epoch_sums = run.carried + all_reduce(sums).cpu()
     seconds = time.perf_counter() - started
     return EpochResult("done", epoch_sums, run.carried_seconds + seconds, waiting.seconds / max(seconds, 1e-9),
                        waiting.first_batch_seconds)
@@ -382,31 +411,32 @@ def prepare(cfg: Config) -> list[str]:
     return layout.classes
 
 
-def read_run(cfg: Config, rt: Runtime) -> dict | None:
+def read_run(cfg: Config, rt: Runtime):
     """The newest checkpoint in --output-dir (or None for a new run), read by rank 0 and sent to the others:
-    other nodes need no shared filesystem, and one copy is read once."""
-    out, state, error = Path(cfg.output_dir), None, None
+    other nodes need no shared filesystem, and one copy is read once. Rank 0, the process that writes, also
+    returns the lock it holds on the folder until it exits."""
+    out, state, error, lock = Path(cfg.output_dir), None, None, None
     if rt.master:
         try:
-            out.mkdir(parents=True, exist_ok=True)
+            lock = lock_output_dir(out)
             remove_stale_temporaries(out)
             if cfg.no_resume:
                 move_run_aside(out)
             else:
                 state = load_latest_checkpoint(out, log)
-        except (CheckpointError, OSError) as err:
+        except (CheckpointError, UsageError, OSError) as err:
             error = err
     if rt.world_size > 1:
         shared = [state, error]
         dist.broadcast_object_list(shared, src=0)
         state, error = shared
     if error is not None:
-        raise error if isinstance(error, CheckpointError) else UsageError(f"Cannot use {out}: {error}")
-    return state
+        raise error if isinstance(error, CheckpointError | UsageError) else UsageError(f"Cannot use {out}: {error}")
+    return state, lock
 
 
 def run_training(cfg: Config, classes: list[str], explicit: set[str], rt: Runtime) -> int:
-    state = read_run(cfg, rt)
+    state, _lock = read_run(cfg, rt)
     if state is not None:
         cfg = resumed_config(cfg, state["config"], explicit)
     workers = split_cores(cfg.workers, rt)
@@ -431,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         classes = prepare(cfg)
         device_type = resolve_device(cfg.device)
         if device_type == "cuda" and "RANK" not in os.environ and torch.cuda.device_count() > 1:
+            lock_output_dir(Path(cfg.output_dir)).close()  # refuse a busy folder before starting N processes
             return launch_one_process_per_gpu(__file__, argv)
         return run_training(cfg, classes, explicit, setup_distributed(device_type))
     except (DatasetLayoutError, UsageError, CheckpointError) as err:

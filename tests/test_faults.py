@@ -246,3 +246,74 @@ def test_a_dead_ddp_rank_ends_the_job_promptly_and_max_restarts_resumes_it(digit
     assert output.count("Resuming") == 2 and "Training finished" in output
     assert load_latest_checkpoint(out)["epoch"] == 2
     assert [r["epoch"] for r in metrics(out)] == ["1", "2"]
+
+
+# ---------------------------------------------------------------------------------------- one folder, one run
+
+def test_a_second_run_is_refused_and_a_killed_one_leaves_no_lock(digits_dir, tmp_path):
+    out = tmp_path / "run"
+    args = ["--data-dir", digits_dir, "--output-dir", out, *CONTINUE]
+    first = popen_train(*args, "--epochs", 50)
+    wait_for_new_checkpoint(out, first, None)
+    second = run_train(*args)
+    assert second.returncode == 2 and f"Another training run is using {out}: process {first.pid}" in second.stderr
+    assert "tmux attach" in second.stderr and "Traceback" not in second.stderr
+    assert first.poll() is None  # the running one is untouched
+    # kill -9 leaves the lock file behind, but the kernel released the lock with the process.
+    first.kill()
+    first.wait()
+    again = run_train(*args, "--epochs", 1)  # the killed run may be past epoch 1: then it is finished at once
+    assert again.returncode == 0 and "Another training run" not in again.stderr, again.stderr
+    assert "Resuming" in again.stdout or "This run is already finished" in again.stdout
+
+
+def test_a_hang_up_saves_like_sigterm_and_the_rerun_is_bit_identical(digits_dir, tmp_path, uninterrupted):  # noqa: F811
+    out = tmp_path / "run"
+    args = ["--data-dir", digits_dir, "--output-dir", out, *ARGS]
+    # A plain SSH session's hang-up reaches the whole process group, loader workers included.
+    run = popen_train(*args, start_new_session=True)
+    wait_for_new_checkpoint(out, run, None)
+    os.killpg(run.pid, signal.SIGHUP)
+    stdout, stderr = run.communicate(timeout=60)
+    assert run.returncode == 0, stderr[-3000:]
+    assert "the terminal went away" in stdout and "Stopped by SIGHUP" in stdout
+    rerun = run_train(*args)
+    assert rerun.returncode == 0 and "Resuming" in rerun.stdout, rerun.stderr
+    assert_same_run(out, uninterrupted)
+
+
+def test_an_unwritable_output_folder_is_refused_before_any_work(digits_dir, tmp_path):
+    out = tmp_path / "readonly"
+    out.mkdir()
+    with ExitStack() as stack:
+        if os.geteuid() == 0:  # as root chmod stops nothing; a read-only mount does
+            stack.enter_context(mounted("-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", target=out))
+        else:
+            out.chmod(0o500)
+        result = run_train("--data-dir", digits_dir, "--output-dir", out, *FAST, "--epochs", 1)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"Cannot write in the output folder {out}" in result.stderr and "epoch 1" not in result.stdout
+
+
+def test_weights_made_non_finite_by_an_update_are_never_saved(digits_dir, tmp_path):
+    """The loss of step 10 is finite, the update after it is not: the save due at that sync point refuses, and
+    the checkpoint of step 5 stays the last one."""
+    out = tmp_path / "run"
+    args = [str(a) for a in ("--data-dir", digits_dir, "--output-dir", out, *FAST, "--epochs", 1, "--log-every", 5,
+                             "--checkpoint-minutes", "0.00001")]
+    poisoned = f"""
+import sys, engine, train
+def step(t, x, labels, lr, global_step):
+    result = engine.train_step(t, x, labels, lr, global_step)
+    if global_step == 9:
+        next(t.raw_model.parameters()).data.view(-1)[0] = float("nan")
+    return result
+train.train_step = step
+sys.exit(train.main({args!r}))
+"""
+    result = subprocess.run([sys.executable, "-c", poisoned], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 3, result.stderr
+    assert "The weights became non-finite in epoch 1 at step 10, so they were not saved" in result.stdout
+    state = load_latest_checkpoint(out)
+    assert state["samples_done"] == 5 * 32
+    assert all(t.isfinite().all() for t in state["model"].values() if t.is_floating_point())

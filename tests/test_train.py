@@ -1,10 +1,12 @@
 import csv
 import hashlib
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
-from conftest import FAST, run_train
+from conftest import FAST, REPO, run_train
 
 from checkpoint import LATEST, PREVIOUS
 from config import parse_config
@@ -34,6 +36,7 @@ def test_defaults_are_the_original_recipe_and_demo_only_fills_unset_flags():
     cfg = parse_config([])
     assert (cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.epochs, cfg.image_size, cfg.arch) == \
         (256, 0.175, 0.9, 1e-4, 50, 224, "resnet50")
+    assert cfg.lr_reference_batch == 256  # 0.175 belongs to a global batch of 256 images
     demo = parse_config(["--demo", "--epochs", "3"])
     assert demo.epochs == 3 and demo.image_size == 32 and demo.data_dir.endswith("digits")
 
@@ -42,7 +45,12 @@ def test_defaults_are_the_original_recipe_and_demo_only_fills_unset_flags():
                                             (["--lr", "-1"], "--lr must be positive"),
                                             (["--device", "tpu"], "invalid choice: 'tpu'"),
                                             (["--min-crop-scale", "2"], "--min-crop-scale must be in (0, 1]"),
-                                            (["--gpu-decode-share", "1.5"], "--gpu-decode-share must be in [0, 1]")])
+                                            (["--gpu-decode-share", "1.5"], "--gpu-decode-share must be in [0, 1]"),
+                                            (["--lr", "nan"], "--lr must be a finite number, not nan"),
+                                            (["--lr", "inf"], "--lr must be a finite number, not inf"),
+                                            (["--image-size", "7"], "must be at least 32 pixels"),
+                                            (["--eval-image-size", "16"], "must be at least 32 pixels"),
+                                            (["--workers", "-5"], "--workers must be -1")])
 def test_bad_flags_are_refused_with_a_message(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse_config(flags)
@@ -156,7 +164,7 @@ def test_a_bare_rerun_continues_with_the_settings_the_run_started_with(digits_di
     config = torch.load(out / LATEST, map_location="cpu", weights_only=True)["config"]
     assert (config["recipe"], config["arch"], config["image_size"], config["start_image_size"], config["lr"],
             config["schedule"], config["label_smoothing"], config["bias_decay"], config["epochs"]) == \
-        ("fast", "resnet14_tiny", 32, 16, 0.2, "linear", 0.1, False, 2)
+        ("fast", "resnet14_tiny", 32, 16, 1.6, "linear", 0.1, False, 2)
     # A recipe given now brings back its presets and the defaults for what the old one had set, announced.
     seed = run_train("--data-dir", digits_dir, "--output-dir", out, *FAST, "--epochs", 3, "--recipe", "seed")
     assert seed.returncode == 0, seed.stderr
@@ -209,3 +217,47 @@ def test_time_spent_waiting_for_the_loader_is_measured_and_explained():
     assert "raise --gpu-decode-share above 0.25" in data_wait_advice(0.3, "gpu", 0.25, "cuda", 15)
     assert "more --workers than 15" in data_wait_advice(0.3, "gpu", 1.0, "cuda", 15)
     assert "more --workers than 1" in data_wait_advice(0.3, "cpu", 1.0, "cpu", 1)
+
+
+def test_a_run_saved_without_loss_scaling_resumes_where_fp16_scales_the_loss(digits_dir):
+    """bf16 and fp32 runs save their disabled GradScaler as {}; a resume in fp16 (a T4 or V100, where
+    --precision auto means fp16) starts a fresh scaler instead of failing."""
+    from engine import build_data, build_model, build_training
+    from runtime import Runtime
+    from train import Run, StopRequest, checkpoint_state, resume
+
+    cfg = parse_config(["--data-dir", str(digits_dir), *map(str, FAST)])
+    rt = Runtime()
+
+    def new_run():
+        return Run(cfg, [f"digit_{i}" for i in range(10)], rt, build_training(build_model(cfg, 10), cfg, rt),
+                   build_data(cfg, [f"digit_{i}" for i in range(10)], rt, 0, with_val=False), StopRequest())
+
+    saved = checkpoint_state(new_run(), torch.zeros(5, dtype=torch.float64), 0.0)
+    assert saved["grad_scaler"] == {}
+    fp16 = new_run()
+    fp16.training.scaler = torch.amp.GradScaler("cpu", enabled=True)
+    resume(fp16, saved)
+    assert fp16.training.scaler.get_scale() == torch.amp.GradScaler("cpu").get_scale()
+
+
+def test_the_step_loop_copies_nothing_from_the_host_between_sync_points(digits_dir, tmp_path):
+    """Every tensor train.py makes on the device from host values waits for a copy from pageable memory;
+    only the sync points (every --log-every steps) may make them."""
+    wrapper = f"""
+import sys, traceback, torch, train
+made = [0]
+tensor = torch.tensor
+def counting(*args, **kwargs):
+    made[0] += "device" in kwargs and traceback.extract_stack()[-2].filename == train.__file__
+    return tensor(*args, **kwargs)
+train.torch.tensor = counting
+code = train.main({[str(a) for a in ("--data-dir", digits_dir, "--output-dir", tmp_path, *FAST, "--epochs", 1,
+                                       "--log-every", 11)]!r})
+print(f"tensors made on the device: {{made[0]}}")
+sys.exit(code)
+"""
+    result = subprocess.run([sys.executable, "-c", wrapper], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    # 44 steps: 4 sync points, and the stop vote after the epoch.
+    assert int(result.stdout.rsplit("tensors made on the device: ", 1)[1]) == 5
