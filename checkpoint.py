@@ -7,7 +7,6 @@ tensors and plain Python values so that `torch.load(path, weights_only=True)` op
 """
 
 import os
-import time
 from pathlib import Path
 
 import torch
@@ -15,9 +14,6 @@ import torch
 LATEST = "checkpoint.pth"
 PREVIOUS = "checkpoint_prev.pth"
 REQUIRED_KEYS = ("model", "optimizer", "epoch", "samples_done", "config", "class_names")
-# Test hook, unset in normal use: tests/test_faults.py holds every save this many seconds between the
-# complete temporary file and the renames, so that a kill lands inside a save on purpose, not by luck.
-TEST_SLOW_WRITE_SECONDS = "CHECKPOINT_TEST_SLOW_WRITE_SECONDS"
 
 
 class CheckpointError(Exception):
@@ -32,6 +28,13 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def write_synced(state: dict, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def save_checkpoint(state: dict, output_dir: Path) -> Path:
     """Atomically replace output_dir/checkpoint.pth, keeping the one before as checkpoint_prev.pth.
 
@@ -41,11 +44,7 @@ def save_checkpoint(state: dict, output_dir: Path) -> Path:
     output_dir = Path(output_dir)
     latest, tmp = output_dir / LATEST, output_dir / f"{LATEST}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        time.sleep(float(os.environ.get(TEST_SLOW_WRITE_SECONDS, "0")))
+        write_synced(state, tmp)
         if latest.exists():
             os.replace(latest, output_dir / PREVIOUS)
         os.replace(tmp, latest)
