@@ -12,7 +12,8 @@ on it, gets or updates the code, and starts `python train.py` in a tmux session 
 missing). Rerunning it resumes training: train.py picks up its last checkpoint in the output dir.
 
 Options:
-  --device /dev/NAME       data disk to use (default: the largest unmounted, non-root EBS disk)
+  --device /dev/NAME       data disk to use (default: the largest unmounted, non-root EBS disk;
+                           zram, ram, loop and empty devices are never picked)
   --format-empty-disk      allow mkfs.ext4 on the chosen disk, only if it is completely empty
                            (no filesystem or partition table and the first MiB all zeros)
   --local-changes MODE     what to do with uncommitted changes in the checkout before updating it:
@@ -136,13 +137,18 @@ pick_disk() {
     local name best="" skipped=()
     for name in "${NAMES[@]}"; do
         [[ ${TYPE[$name]} == disk && -z ${BUSY[$name]:-} ]] || continue
+        # zram and ram disks live in memory and loop devices are files on another disk: none is a data
+        # volume, and an unused one reports 0 bytes.
+        case $name in zram* | ram* | loop*) continue ;; esac
+        ((SIZE[$name] > 0)) || continue
         # Instance-store disks can be larger than the EBS volume but are wiped when the instance stops.
         if [[ ${MODEL[$name]} == *"Instance Storage"* ]]; then skipped+=("$name"); continue; fi
         if [[ -z $best ]] || ((SIZE[$name] > SIZE[$best])); then best=$name; fi
     done
     ((${#skipped[@]} == 0)) || say "not considering instance-store disk(s) ${skipped[*]}: they are erased on stop" >&2
-    [[ -n $best ]] || die "No unmounted data disk found (lsblk lists only the root disk or mounted ones). Attach \
-the EBS volume to this instance (see ImageNet_Setup_Guide.md) or pass --device /dev/NAME."
+    [[ -n $best ]] || die "No unmounted data disk found (lsblk lists only the root disk, mounted disks, or zram, \
+ram, loop or empty devices). Attach the EBS volume to this instance (see ImageNet_Setup_Guide.md) or pass \
+--device /dev/NAME."
     say "picked /dev/$best ($((SIZE[$best] / 1000000000)) GB, ${MODEL[$best]:-unknown model}), the largest \
 unmounted non-root disk; use --device to choose another" >&2
     printf '%s' "$best"

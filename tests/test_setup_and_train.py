@@ -159,6 +159,21 @@ def test_auto_picks_largest_unmounted_ebs_disk(box):
     assert not box.calls("mkfs")
 
 
+def test_auto_pick_ignores_memory_loop_and_empty_devices(box):
+    virtual = [lsblk_line("zram0", 0, model=""), lsblk_line("ram0", 0, model=""), lsblk_line("ram1", 4, model=""),
+               lsblk_line("loop0", 0, "loop", model=""), lsblk_line("loop1", 900, "loop", "squashfs", model=""),
+               lsblk_line("nvme3n1", 0)]
+    box.disks(ROOT_DISK + virtual + [lsblk_line("nvme2n1", 200)])
+    proc = box.run("--dry-run")
+    assert "picked /dev/nvme2n1 (200 GB" in proc.stderr
+    assert f"[dry-run] mount {box.dev}/nvme2n1 {box.mnt}" in proc.stdout
+
+    box.disks(ROOT_DISK + virtual)
+    proc = box.run("--dry-run", check=False)
+    assert proc.returncode != 0 and "No unmounted data disk found" in proc.stderr
+    assert "picked" not in proc.stderr
+
+
 def test_device_flag_chooses_the_disk(box):
     box.run("--device", "/dev/nvme2n1")
     assert box.calls("mount") == [f"mount {box.dev}/nvme2n1 {box.mnt}"]
