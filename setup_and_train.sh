@@ -36,6 +36,10 @@ Everything after `--`, and any option not listed above, is passed to train.py, f
   ./setup_and_train.sh -- --epochs 90 --batch-size 256
 train.py reads the data from $DATASET_PATH (default $MOUNT_POINT/extracted; see prepare_imagenet.py).
 
+After starting train.py the script waits until it has passed its start-up checks (its log shows the
+"Training ..." line) or ended; if it failed, the script prints the log's last lines and exits with
+train.py's status. A start-up still going after STARTUP_WAIT_SECONDS (default 300) is left running.
+
 Environment for tests: MOUNT_POINT, FSTAB (default /etc/fstab), DEV_DIR (default /dev), VENV.
 EOF
 }
@@ -44,6 +48,7 @@ MOUNT_POINT=${MOUNT_POINT:-/mnt/imagenet}
 FSTAB=${FSTAB:-/etc/fstab}
 DEV_DIR=${DEV_DIR:-/dev}
 SESSION=${SESSION:-resnet50}
+STARTUP_WAIT_SECONDS=${STARTUP_WAIT_SECONDS:-300}
 DEVICE=""
 FORMAT_EMPTY=0
 LOCAL_CHANGES=""
@@ -351,6 +356,61 @@ setup_venv() {
 }
 
 # ------------------------------------------------------------------------------------------ train
+# train.py prints a line starting with "Training " once its start-up checks (data layout, flags,
+# checkpoint) have passed. The tmux command appends EXIT_LINE and the status to the log when train.py ends.
+EXIT_LINE="train.py exited with status"
+
+status_in_log() {
+    if [[ -f $1 ]]; then sed -n "s/^$EXIT_LINE \([0-9]*\)\$/\1/p" "$1" | tail -n 1; fi
+}
+
+show_log_end() {
+    printf '%s\n' "---- last lines of $1 ----" >&2
+    tail -n 25 "$1" >&2 || true
+    printf '%s\n' "----" >&2
+}
+
+# Waits until train.py has passed its start-up checks or ended, so that a bad flag or a missing dataset
+# is reported here, not discovered later in a detached session. $2 is the pid under nohup (a child of
+# this shell, so `wait` gives its status); under tmux the status comes from the log.
+wait_for_start() {
+    local log=$1 pid=${2:-} status="" deadline=$((SECONDS + STARTUP_WAIT_SECONDS))
+    while ((SECONDS < deadline)); do
+        if grep -q '^Training ' "$log" 2>/dev/null; then
+            sed '/^Training /q' "$log"
+            say "train.py passed its start-up checks and is training"
+            return 0
+        fi
+        if [[ -n $pid ]]; then
+            if ! kill -0 "$pid" 2>/dev/null; then
+                status=0
+                wait "$pid" || status=$?
+            fi
+        else
+            status=$(status_in_log "$log")
+            if [[ -z $status ]] && ! tmux has-session -t "=$SESSION" 2>/dev/null; then
+                sleep 0.5  # the session may end a moment after the status line is written
+                status=$(status_in_log "$log")
+                [[ -n $status ]] || status=unknown
+            fi
+        fi
+        if [[ -n $status ]]; then
+            show_log_end "$log"
+            if [[ $status == 0 ]]; then
+                say "train.py exited with status 0 before training: nothing to do (see its last lines above)"
+                return 0
+            fi
+            printf 'error: %s\n' "train.py stopped during start-up (exit status $status); its last lines are \
+above. Fix the cause and rerun this script with the same options." >&2
+            [[ $status == unknown ]] && exit 1
+            exit "$status"
+        fi
+        sleep 0.2
+    done
+    say "train.py is still starting after ${STARTUP_WAIT_SECONDS} s (no 'Training' line in its log yet); it keeps \
+running. Follow it: tail -f $log"
+}
+
 start_training() {
     local cmd=("$VENV/bin/python" train.py --output-dir "$OUTPUT_DIR")
     ((DEMO)) && cmd+=(--demo)
@@ -370,8 +430,9 @@ the data with prepare_imagenet.py (see ImageNet_Setup_Guide.md)."
         fi
         local inner
         inner="cd $(printf '%q' "$CODE_DIR") && DATASET_PATH=$(printf '%q' "$DATASET_PATH") \
-$(printf '%q ' "${cmd[@]}")2>&1 | tee -a $(printf '%q' "$log")"
+$(printf '%q ' "${cmd[@]}")2>&1 | tee -a $(printf '%q' "$log"); echo \"$EXIT_LINE \$?\" >>$(printf '%q' "$log")"
         run tmux new-session -d -s "$SESSION" "bash -o pipefail -c $(printf '%q' "$inner")"
+        ((DRY_RUN)) || wait_for_start "$log"
         say "training runs in tmux session '$SESSION'. Attach: tmux attach -t $SESSION (detach: Ctrl-b d)"
     else
         local pidfile=$OUTPUT_DIR/train.pid
@@ -384,11 +445,11 @@ $(printf '%q ' "${cmd[@]}")2>&1 | tee -a $(printf '%q' "$log")"
                 "${cmd[*]}" "$log"
         else
             printf '+ nohup %s >> %s 2>&1 &\n' "${cmd[*]}" "$log"
-            (
-                cd "$CODE_DIR"
-                DATASET_PATH=$DATASET_PATH nohup "${cmd[@]}" >>"$log" 2>&1 &
-                echo $! >"$pidfile"
-            )
+            # exec all the way down: the pid in the pid file is train.py's own, for kill and for wait.
+            (cd "$CODE_DIR" && DATASET_PATH=$DATASET_PATH exec nohup "${cmd[@]}" >>"$log" 2>&1) &
+            local pid=$!
+            echo "$pid" >"$pidfile"
+            wait_for_start "$log" "$pid"
         fi
         say "tmux not found: training runs under nohup (pid file $pidfile)."
     fi
