@@ -25,8 +25,11 @@ Options:
                            Asked interactively when stdin is a terminal.
   --repo-url URL           where to clone the code if this script is not inside a checkout
                            (env REPO_URL; default: origin of the checkout the script sits in)
-  --output-dir DIR         checkpoints and logs (env OUTPUT_DIR; default runs/resnet50 in the code folder,
-                           as for a bare `python train.py`, which then resumes the same run)
+  --output-dir DIR         checkpoints and logs (env OUTPUT_DIR; default: train.py's own, so that a bare
+                           `python train.py` resumes the same run: runs/resnet50 on the data volume,
+                           $MOUNT_POINT/runs/resnet50, which outlives a spot instance's root volume; or
+                           runs/resnet50 in the code folder when the data is not on a mounted volume
+                           or a run already lives there)
   --session NAME           tmux session name (env SESSION; default resnet50)
   --demo                   no ImageNet: skip disk and mount work, run `train.py --demo`
   --dry-run                print every action, change nothing
@@ -53,6 +56,7 @@ DEVICE=""
 FORMAT_EMPTY=0
 LOCAL_CHANGES=""
 DRY_RUN=0
+MOUNT_PENDING=0
 DEMO=0
 PASSTHROUGH=()
 SUDO=""
@@ -250,6 +254,7 @@ with --format-empty-disk (this creates a new filesystem on $DEV_DIR/$target)."
 
     run $SUDO mkdir -p "$MOUNT_POINT"
     run $SUDO mount "$DEV_DIR/$target" "$MOUNT_POINT"
+    if ((DRY_RUN)); then MOUNT_PENDING=1; fi
     ensure_fstab "$target"
     if ((!DRY_RUN)) && [[ ! -w $MOUNT_POINT ]]; then
         run $SUDO chown "$(id -u):$(id -g)" "$MOUNT_POINT"
@@ -356,6 +361,14 @@ setup_venv() {
 }
 
 # ------------------------------------------------------------------------------------------ train
+# Asks the code for train.py's default output dir (dataset_paths.default_output_dir: on the data volume when
+# the data is on a mounted one), so that this script and a bare `python train.py` always use the same run.
+# Standard library only, so the system python3 answers before any venv exists.
+default_output_dir() {
+    DATASET_PATH=$DATASET_PATH python3 -B -c 'import sys; sys.path.insert(0, sys.argv[1]); import dataset_paths
+print(dataset_paths.DEFAULT_OUTPUT_DIR)' "$CODE_DIR"
+}
+
 # train.py prints a line starting with "Training " once its start-up checks (data layout, flags,
 # checkpoint) have passed. The tmux command appends EXIT_LINE and the status to the log when train.py ends.
 EXIT_LINE="train.py exited with status"
@@ -471,14 +484,26 @@ main() {
         setup_disk
     fi
     get_code
+    DATASET_PATH=${DATASET_PATH:-$MOUNT_POINT/extracted}
     if ((DEMO)); then
         VENV=${VENV:-$CODE_DIR/venv}
         OUTPUT_DIR=${OUTPUT_DIR:-$CODE_DIR/runs/demo}
     else
         VENV=${VENV:-$MOUNT_POINT/venv}
-        OUTPUT_DIR=${OUTPUT_DIR:-$CODE_DIR/runs/resnet50}  # train.py's own default, so a bare `python train.py` resumes it
+        if [[ -z ${OUTPUT_DIR:-} ]]; then
+            if ((DRY_RUN)) && [[ ! -f $CODE_DIR/dataset_paths.py ]]; then
+                OUTPUT_DIR="<train.py's default output dir>"  # the code is not cloned yet
+            else
+                OUTPUT_DIR=$(default_output_dir) || die "Could not ask $CODE_DIR/dataset_paths.py for \
+train.py's default output dir (is python3 installed?). Pass --output-dir."
+            fi
+        fi
+        if ((MOUNT_PENDING)); then
+            say "[dry-run] $MOUNT_POINT is not mounted yet, so the output dir shown is for the disks as they are; \
+once it is mounted, the default is $MOUNT_POINT/runs/resnet50 for data on that volume"
+        fi
     fi
-    DATASET_PATH=${DATASET_PATH:-$MOUNT_POINT/extracted}
+    say "the run lives in $OUTPUT_DIR"
     setup_venv
     start_training
 }
