@@ -2,7 +2,11 @@
 
 The defaults fit an EC2 box with the data volume mounted at /mnt/imagenet and ImageNet extracted by
 prepare_imagenet.py into /mnt/imagenet/extracted/{train,val}/<wnid>/. DATASET_PATH overrides the data
-root; train.py's --data-dir overrides both.
+root; train.py's --data-dir overrides both. Runs go to /mnt/imagenet/runs/resnet50 there: see
+default_output_dir.
+
+Standard library only: setup_and_train.sh asks this module for the default output dir with the system
+python3, so that it and a bare `python train.py` always agree.
 """
 
 import os
@@ -11,9 +15,56 @@ from pathlib import Path
 
 REPO_DIR = Path(__file__).resolve().parent
 DEFAULT_DATA_DIR = Path(os.environ.get("DATASET_PATH", "/mnt/imagenet/extracted"))
-# Outputs sit beside the code by default, so rerunning `python train.py` from any working directory
-# finds the same checkpoint.
-DEFAULT_OUTPUT_DIR = REPO_DIR / "runs" / "resnet50"
+# Data copied to /dev/shm for speed is fine; checkpoints there are gone at the next reboot.
+MEMORY_FILESYSTEMS = {"tmpfs", "ramfs"}
+
+
+def data_volume(data_root: str | os.PathLike) -> Path | None:
+    """The mount point of the volume data_root lives on, or None when that is the root filesystem."""
+    path = Path(os.path.realpath(data_root))
+    for folder in (path, *path.parents):
+        if os.path.ismount(folder):
+            return None if folder == folder.parent else folder
+    return None
+
+
+def filesystem_type(mount_point: Path) -> str | None:
+    try:
+        with open("/proc/self/mounts") as f:
+            # The last entry for a mount point is the one on top.
+            types = {fields[1]: fields[2] for fields in (line.split() for line in f) if len(fields) > 2}
+    except OSError:  # not Linux
+        return None
+    return types.get(str(mount_point))
+
+
+def default_output_dir(data_root: str | os.PathLike, code_dir: Path = REPO_DIR) -> Path:
+    """Where a run lives unless --output-dir says otherwise.
+
+    <mount point>/runs/resnet50 (/mnt/imagenet/runs/resnet50 for the default data root) when the data sits
+    on a mounted volume other than the root filesystem, not in memory, that this user can write to: a spot
+    instance's root volume is deleted with the instance, the data volume survives, and the checkpoints with
+    it. Else
+    runs/resnet50 beside the code, so that rerunning `python train.py` from any working directory finds the
+    same checkpoint. A run already started beside the code (and not on the volume) stays where it is, so
+    that updating the code never leaves a run behind.
+    """
+    beside_code = code_dir / "runs" / "resnet50"
+    volume = data_volume(data_root)
+    if volume is None or filesystem_type(volume) in MEMORY_FILESYSTEMS or not os.access(volume, os.W_OK):
+        return beside_code
+    on_volume = volume / "runs" / "resnet50"
+    if has_checkpoint(beside_code) and not has_checkpoint(on_volume):
+        return beside_code
+    return on_volume
+
+
+def has_checkpoint(output_dir: Path) -> bool:
+    # checkpoint.pth or checkpoint_prev.pth, spelled out here: checkpoint.py needs torch, this module must not.
+    return any(output_dir.glob("checkpoint*.pth"))
+
+
+DEFAULT_OUTPUT_DIR = default_output_dir(DEFAULT_DATA_DIR)
 DEMO_DATA_DIR = REPO_DIR / "data" / "digits"
 DEMO_OUTPUT_DIR = REPO_DIR / "runs" / "demo"
 

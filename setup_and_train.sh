@@ -12,7 +12,8 @@ on it, gets or updates the code, and starts `python train.py` in a tmux session 
 missing). Rerunning it resumes training: train.py picks up its last checkpoint in the output dir.
 
 Options:
-  --device /dev/NAME       data disk to use (default: the largest unmounted, non-root EBS disk)
+  --device /dev/NAME       data disk to use (default: the largest unmounted, non-root EBS disk;
+                           zram, ram, loop and empty devices are never picked)
   --format-empty-disk      allow mkfs.ext4 on the chosen disk, only if it is completely empty
                            (no filesystem or partition table and the first MiB all zeros)
   --local-changes MODE     what to do with uncommitted changes in the checkout before updating it:
@@ -24,8 +25,11 @@ Options:
                            Asked interactively when stdin is a terminal.
   --repo-url URL           where to clone the code if this script is not inside a checkout
                            (env REPO_URL; default: origin of the checkout the script sits in)
-  --output-dir DIR         checkpoints and logs (env OUTPUT_DIR; default runs/resnet50 in the code folder,
-                           as for a bare `python train.py`, which then resumes the same run)
+  --output-dir DIR         checkpoints and logs (env OUTPUT_DIR; default: train.py's own, so that a bare
+                           `python train.py` resumes the same run: runs/resnet50 on the data volume,
+                           $MOUNT_POINT/runs/resnet50, which outlives a spot instance's root volume; or
+                           runs/resnet50 in the code folder when the data is not on a mounted volume
+                           or a run already lives there)
   --session NAME           tmux session name (env SESSION; default resnet50)
   --demo                   no ImageNet: skip disk and mount work, run `train.py --demo`
   --dry-run                print every action, change nothing
@@ -35,6 +39,10 @@ Everything after `--`, and any option not listed above, is passed to train.py, f
   ./setup_and_train.sh -- --epochs 90 --batch-size 256
 train.py reads the data from $DATASET_PATH (default $MOUNT_POINT/extracted; see prepare_imagenet.py).
 
+After starting train.py the script waits until it has passed its start-up checks (its log shows the
+"Training ..." line) or ended; if it failed, the script prints the log's last lines and exits with
+train.py's status. A start-up still going after STARTUP_WAIT_SECONDS (default 300) is left running.
+
 Environment for tests: MOUNT_POINT, FSTAB (default /etc/fstab), DEV_DIR (default /dev), VENV.
 EOF
 }
@@ -43,10 +51,12 @@ MOUNT_POINT=${MOUNT_POINT:-/mnt/imagenet}
 FSTAB=${FSTAB:-/etc/fstab}
 DEV_DIR=${DEV_DIR:-/dev}
 SESSION=${SESSION:-resnet50}
+STARTUP_WAIT_SECONDS=${STARTUP_WAIT_SECONDS:-300}
 DEVICE=""
 FORMAT_EMPTY=0
 LOCAL_CHANGES=""
 DRY_RUN=0
+MOUNT_PENDING=0
 DEMO=0
 PASSTHROUGH=()
 SUDO=""
@@ -136,13 +146,18 @@ pick_disk() {
     local name best="" skipped=()
     for name in "${NAMES[@]}"; do
         [[ ${TYPE[$name]} == disk && -z ${BUSY[$name]:-} ]] || continue
+        # zram and ram disks live in memory and loop devices are files on another disk: none is a data
+        # volume, and an unused one reports 0 bytes.
+        case $name in zram* | ram* | loop*) continue ;; esac
+        ((SIZE[$name] > 0)) || continue
         # Instance-store disks can be larger than the EBS volume but are wiped when the instance stops.
         if [[ ${MODEL[$name]} == *"Instance Storage"* ]]; then skipped+=("$name"); continue; fi
         if [[ -z $best ]] || ((SIZE[$name] > SIZE[$best])); then best=$name; fi
     done
     ((${#skipped[@]} == 0)) || say "not considering instance-store disk(s) ${skipped[*]}: they are erased on stop" >&2
-    [[ -n $best ]] || die "No unmounted data disk found (lsblk lists only the root disk or mounted ones). Attach \
-the EBS volume to this instance (see ImageNet_Setup_Guide.md) or pass --device /dev/NAME."
+    [[ -n $best ]] || die "No unmounted data disk found (lsblk lists only the root disk, mounted disks, or zram, \
+ram, loop or empty devices). Attach the EBS volume to this instance (see ImageNet_Setup_Guide.md) or pass \
+--device /dev/NAME."
     say "picked /dev/$best ($((SIZE[$best] / 1000000000)) GB, ${MODEL[$best]:-unknown model}), the largest \
 unmounted non-root disk; use --device to choose another" >&2
     printf '%s' "$best"
@@ -239,6 +254,7 @@ with --format-empty-disk (this creates a new filesystem on $DEV_DIR/$target)."
 
     run $SUDO mkdir -p "$MOUNT_POINT"
     run $SUDO mount "$DEV_DIR/$target" "$MOUNT_POINT"
+    if ((DRY_RUN)); then MOUNT_PENDING=1; fi
     ensure_fstab "$target"
     if ((!DRY_RUN)) && [[ ! -w $MOUNT_POINT ]]; then
         run $SUDO chown "$(id -u):$(id -g)" "$MOUNT_POINT"
@@ -345,6 +361,69 @@ setup_venv() {
 }
 
 # ------------------------------------------------------------------------------------------ train
+# Asks the code for train.py's default output dir (dataset_paths.default_output_dir: on the data volume when
+# the data is on a mounted one), so that this script and a bare `python train.py` always use the same run.
+# Standard library only, so the system python3 answers before any venv exists.
+default_output_dir() {
+    DATASET_PATH=$DATASET_PATH python3 -B -c 'import sys; sys.path.insert(0, sys.argv[1]); import dataset_paths
+print(dataset_paths.DEFAULT_OUTPUT_DIR)' "$CODE_DIR"
+}
+
+# train.py prints a line starting with "Training " once its start-up checks (data layout, flags,
+# checkpoint) have passed. The tmux command appends EXIT_LINE and the status to the log when train.py ends.
+EXIT_LINE="train.py exited with status"
+
+status_in_log() {
+    if [[ -f $1 ]]; then sed -n "s/^$EXIT_LINE \([0-9]*\)\$/\1/p" "$1" | tail -n 1; fi
+}
+
+show_log_end() {
+    printf '%s\n' "---- last lines of $1 ----" >&2
+    tail -n 25 "$1" >&2 || true
+    printf '%s\n' "----" >&2
+}
+
+# Waits until train.py has passed its start-up checks or ended, so that a bad flag or a missing dataset
+# is reported here, not discovered later in a detached session. $2 is the pid under nohup (a child of
+# this shell, so `wait` gives its status); under tmux the status comes from the log.
+wait_for_start() {
+    local log=$1 pid=${2:-} status="" deadline=$((SECONDS + STARTUP_WAIT_SECONDS))
+    while ((SECONDS < deadline)); do
+        if grep -q '^Training ' "$log" 2>/dev/null; then
+            sed '/^Training /q' "$log"
+            say "train.py passed its start-up checks and is training"
+            return 0
+        fi
+        if [[ -n $pid ]]; then
+            if ! kill -0 "$pid" 2>/dev/null; then
+                status=0
+                wait "$pid" || status=$?
+            fi
+        else
+            status=$(status_in_log "$log")
+            if [[ -z $status ]] && ! tmux has-session -t "=$SESSION" 2>/dev/null; then
+                sleep 0.5  # the session may end a moment after the status line is written
+                status=$(status_in_log "$log")
+                [[ -n $status ]] || status=unknown
+            fi
+        fi
+        if [[ -n $status ]]; then
+            show_log_end "$log"
+            if [[ $status == 0 ]]; then
+                say "train.py exited with status 0 before training: nothing to do (see its last lines above)"
+                return 0
+            fi
+            printf 'error: %s\n' "train.py stopped during start-up (exit status $status); its last lines are \
+above. Fix the cause and rerun this script with the same options." >&2
+            [[ $status == unknown ]] && exit 1
+            exit "$status"
+        fi
+        sleep 0.2
+    done
+    say "train.py is still starting after ${STARTUP_WAIT_SECONDS} s (no 'Training' line in its log yet); it keeps \
+running. Follow it: tail -f $log"
+}
+
 start_training() {
     local cmd=("$VENV/bin/python" train.py --output-dir "$OUTPUT_DIR")
     ((DEMO)) && cmd+=(--demo)
@@ -364,8 +443,9 @@ the data with prepare_imagenet.py (see ImageNet_Setup_Guide.md)."
         fi
         local inner
         inner="cd $(printf '%q' "$CODE_DIR") && DATASET_PATH=$(printf '%q' "$DATASET_PATH") \
-$(printf '%q ' "${cmd[@]}")2>&1 | tee -a $(printf '%q' "$log")"
+$(printf '%q ' "${cmd[@]}")2>&1 | tee -a $(printf '%q' "$log"); echo \"$EXIT_LINE \$?\" >>$(printf '%q' "$log")"
         run tmux new-session -d -s "$SESSION" "bash -o pipefail -c $(printf '%q' "$inner")"
+        ((DRY_RUN)) || wait_for_start "$log"
         say "training runs in tmux session '$SESSION'. Attach: tmux attach -t $SESSION (detach: Ctrl-b d)"
     else
         local pidfile=$OUTPUT_DIR/train.pid
@@ -378,11 +458,11 @@ $(printf '%q ' "${cmd[@]}")2>&1 | tee -a $(printf '%q' "$log")"
                 "${cmd[*]}" "$log"
         else
             printf '+ nohup %s >> %s 2>&1 &\n' "${cmd[*]}" "$log"
-            (
-                cd "$CODE_DIR"
-                DATASET_PATH=$DATASET_PATH nohup "${cmd[@]}" >>"$log" 2>&1 &
-                echo $! >"$pidfile"
-            )
+            # exec all the way down: the pid in the pid file is train.py's own, for kill and for wait.
+            (cd "$CODE_DIR" && DATASET_PATH=$DATASET_PATH exec nohup "${cmd[@]}" >>"$log" 2>&1) &
+            local pid=$!
+            echo "$pid" >"$pidfile"
+            wait_for_start "$log" "$pid"
         fi
         say "tmux not found: training runs under nohup (pid file $pidfile)."
     fi
@@ -404,14 +484,26 @@ main() {
         setup_disk
     fi
     get_code
+    DATASET_PATH=${DATASET_PATH:-$MOUNT_POINT/extracted}
     if ((DEMO)); then
         VENV=${VENV:-$CODE_DIR/venv}
         OUTPUT_DIR=${OUTPUT_DIR:-$CODE_DIR/runs/demo}
     else
         VENV=${VENV:-$MOUNT_POINT/venv}
-        OUTPUT_DIR=${OUTPUT_DIR:-$CODE_DIR/runs/resnet50}  # train.py's own default, so a bare `python train.py` resumes it
+        if [[ -z ${OUTPUT_DIR:-} ]]; then
+            if ((DRY_RUN)) && [[ ! -f $CODE_DIR/dataset_paths.py ]]; then
+                OUTPUT_DIR="<train.py's default output dir>"  # the code is not cloned yet
+            else
+                OUTPUT_DIR=$(default_output_dir) || die "Could not ask $CODE_DIR/dataset_paths.py for \
+train.py's default output dir (is python3 installed?). Pass --output-dir."
+            fi
+        fi
+        if ((MOUNT_PENDING)); then
+            say "[dry-run] $MOUNT_POINT is not mounted yet, so the output dir shown is for the disks as they are; \
+once it is mounted, the default is $MOUNT_POINT/runs/resnet50 for data on that volume"
+        fi
     fi
-    DATASET_PATH=${DATASET_PATH:-$MOUNT_POINT/extracted}
+    say "the run lives in $OUTPUT_DIR"
     setup_venv
     start_training
 }

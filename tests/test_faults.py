@@ -14,16 +14,32 @@ import torch
 from conftest import FAST, REPO, add_odd_images, run_train, train_cmd
 from test_resume import ARGS, assert_same_run, metrics, uninterrupted, wait_for_new_checkpoint  # noqa: F401
 
-from checkpoint import LATEST, TEST_SLOW_WRITE_SECONDS, load_latest_checkpoint
+from checkpoint import LATEST, load_latest_checkpoint
 from data import MAX_CONSECUTIVE_BAD, TrainBatchSampler
 
 # Continuing runs save at every sync point (every 3 steps), so a fault soon meets a save or a fresh batch.
 CONTINUE = [*FAST, "--epochs", "2", "--checkpoint-minutes", "0.0001", "--log-every", "3"]
 
 
-def popen_train(*args, env=None, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen(train_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, **kwargs)
+# train.py with every save held 2 s between its complete temporary file and the renames, so that a kill lands
+# inside a save on purpose, not by luck. The pause is patched into that process: the code ships no test hook.
+SLOW_SAVES = f"""
+import sys, time
+sys.path.insert(0, {str(REPO)!r})
+import checkpoint, train
+write = checkpoint.write_synced
+def slow(*args):
+    write(*args)
+    time.sleep(2)
+checkpoint.write_synced = slow
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def popen_train(*args, slow_saves=False, **kwargs) -> subprocess.Popen:
+    cmd = [sys.executable, "-c", SLOW_SAVES, *map(str, args)] if slow_saves else train_cmd(*args)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, **kwargs)
 
 
 def temporaries(out):
@@ -61,10 +77,10 @@ def mounted(*mount_args, target):
 @pytest.mark.slow
 def test_sigkill_inside_a_checkpoint_write_then_rerun_is_bit_identical(digits_dir, tmp_path, uninterrupted):  # noqa: F811
     out = tmp_path / "killed"
-    # Saves only at epoch ends, each held 2 s by the test hook after the temporary file is complete: the
-    # second save (end of epoch 2) is killed before its renames, with epoch 1's row already in metrics.csv.
+    # Saves only at epoch ends, each held 2 s after the temporary file is complete: the second save (end of
+    # epoch 2) is killed before its renames, with epoch 1's row already in metrics.csv.
     proc = popen_train("--data-dir", digits_dir, "--output-dir", out, *ARGS, "--checkpoint-minutes", 100,
-                       env={TEST_SLOW_WRITE_SECONDS: "2"})
+                       slow_saves=True)
     for save in (1, 2):
         while not temporaries(out):
             assert proc.poll() is None, proc.communicate()[1]

@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "setup_and_train.sh"
 GB = 1000**3
-REAL_TOOLS = ["bash", "sh", "cat", "awk", "sed", "grep", "tar", "gzip", "cmp", "mkdir", "date", "id", "head",
+REAL_TOOLS = ["bash", "sh", "cat", "awk", "sed", "grep", "tar", "gzip", "cmp", "mkdir", "date", "id", "head", "tail",
               "tr", "wc", "basename", "dirname", "env", "rm", "cp", "mv", "sha256sum", "cut", "tee", "sort",
               "ls", "readlink", "mktemp", "touch", "chmod", "sleep", "find", "xargs", "uname", "expr"]
 
@@ -31,17 +31,42 @@ STUBS = {
     "blkid": 'f="$STUB_DIR/blkid/$(basename "${@: -1}")"; [ -f "$f" ] || exit 2; cat "$f"',
     "mkfs.ext4": 'mkdir -p "$STUB_DIR/blkid"; printf "UUID=new-uuid\\nTYPE=ext4\\n" '
                  '>"$STUB_DIR/blkid/$(basename "${@: -1}")"',
-    "mount": "",
+    "mount": 'echo "${@: -1}" >>"$STUB_DIR/mounted"',
     "umount": "",
     "apt-get": "",
-    "nohup": "",
+    "nohup": 'exec "$@"',
     "sudo": 'exec "$@"',
+    # new-session runs its command in the background, as tmux would, and the session then counts as running.
     "tmux": 'case "$1" in has-session) [ -f "$STUB_DIR/tmux_running" ] ;; new-session) '
-            'touch "$STUB_DIR/tmux_running"; printf "%s" "${@: -1}" >"$STUB_DIR/tmux_cmd" ;; esac',
+            'touch "$STUB_DIR/tmux_running"; bash -c "${@: -1}" </dev/null >/dev/null 2>&1 & ;; esac',
     # python3 -m venv DIR leaves logging python and pip stubs in DIR/bin.
-    "python3": 'if [ "$1" = -m ] && [ "$2" = venv ]; then mkdir -p "$3/bin"; '
+    # Any other python3 -c runs for real, with os.path.ismount answering from the fake machine.
+    "python3": 'if [ "$1" != -m ]; then exec "$REAL_PYTHON" "$STUB_DIR/fake_mounts.py" "$@"; fi; '
+               'if [ "$1" = -m ] && [ "$2" = venv ]; then mkdir -p "$3/bin"; '
                'for t in python pip; do cp "$STUB_DIR/logger" "$3/bin/$t"; done; fi',
 }
+# The venv's python and pip: log argv and environment, print STUB_DIR/<name>.out (default "output of
+# <name>"), stay alive while STUB_DIR/<name>.hold exists (10 s at most), exit with STUB_DIR/<name>.rc (default 0).
+LOGGER = ('echo "env DATASET_PATH=$DATASET_PATH PWD=$PWD" >>"$STUB_LOG"; t=$(basename "$0"); '
+          'if [ -f "$STUB_DIR/$t.out" ]; then cat "$STUB_DIR/$t.out"; else echo "output of $t"; fi; '
+          'n=0; while [ -f "$STUB_DIR/$t.hold" ] && [ $n -lt 200 ]; do sleep 0.05; n=$((n + 1)); done; '
+          'exit "$(cat "$STUB_DIR/$t.rc" 2>/dev/null || echo 0)"')
+# `python3 [-B] -c CODE ARGS...` with the mount points lsblk lists and those given to the mount stub as the
+# only mounts besides "/".
+FAKE_MOUNTS = """
+import os, re, sys
+stubs = os.environ["STUB_DIR"]
+with open(f"{stubs}/lsblk.out") as f:
+    mounted = set(re.findall(r'MOUNTPOINT="([^"]+)"', f.read())) | {"/"}
+if os.path.exists(f"{stubs}/mounted"):
+    with open(f"{stubs}/mounted") as f:
+        mounted |= set(f.read().split())
+os.path.ismount = lambda path: os.fspath(path) in mounted
+args = [a for a in sys.argv[1:] if a != "-B"]
+assert args[0] == "-c", args
+sys.argv = ["-c", *args[2:]]
+exec(compile(args[1], "<string>", "exec"), {"__name__": "__main__"})
+"""
 MUTATING = ("mkfs.ext4", "mount", "umount", "apt-get", "nohup", "python3 -m venv", "pip", "tmux new-session")
 READ_ONLY_GIT = ("rev-parse", "remote", "status", "diff", "ls-files")
 
@@ -74,8 +99,8 @@ class Box:
             d.mkdir(parents=True)
         self.log, self.fstab, self.mnt = tmp / "calls.log", tmp / "fstab", tmp / "mnt"
         self.fstab.write_text("LABEL=cloudimg-rootfs / ext4 defaults 0 1\n")
-        write_stub(self.stubs / "logger", 'echo "env DATASET_PATH=$DATASET_PATH PWD=$PWD" >>"$STUB_LOG"; '
-                                          'echo "output of $(basename "$0")"')
+        write_stub(self.stubs / "logger", LOGGER)
+        (self.stubs / "fake_mounts.py").write_text(FAKE_MOUNTS)
         for name, body in STUBS.items():
             write_stub(self.bin / name, body)
         real_git = shutil.which("git")
@@ -86,6 +111,7 @@ class Box:
         self.env = {
             "PATH": str(self.bin), "HOME": str(tmp), "STUB_DIR": str(self.stubs), "STUB_LOG": str(self.log),
             "MOUNT_POINT": str(self.mnt), "FSTAB": str(self.fstab), "DEV_DIR": str(self.dev),
+            "REAL_PYTHON": sys.executable,
             "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
             "GIT_COMMITTER_EMAIL": "t@example.com", "GIT_CONFIG_NOSYSTEM": "1",
         }
@@ -100,6 +126,7 @@ class Box:
         git("init", "-q", "--bare", "-b", "main", str(origin), cwd=self.tmp)
         git("clone", "-q", str(origin), str(seed), cwd=self.tmp)
         shutil.copy(SCRIPT, seed / "setup_and_train.sh")
+        shutil.copy(ROOT / "dataset_paths.py", seed / "dataset_paths.py")
         (seed / "requirements.txt").write_text("torch\n")
         (seed / "train.py").write_text("version = 1\n")
         (seed / ".gitignore").write_text("runs/\ndata/\nvenv/\n")
@@ -130,13 +157,21 @@ class Box:
             assert proc.returncode == 0, proc.stdout + proc.stderr
         return proc
 
-    def run_tmux_command(self):
-        """Run what tmux was asked to run; the venv's python is a logging stub."""
+    def train_calls(self):
+        """train.py's command line and environment as the venv's python stub saw them; the script returns only
+        after train.py has started or ended, so they are in the log by then."""
         assert len(self.calls("tmux new-session")) == 1
-        subprocess.run(["bash", "-c", (self.stubs / "tmux_cmd").read_text()], env=self.env, check=True,
-                       capture_output=True)
         return self.calls("python train.py"), self.calls("env")[-1]
 
+    def train_py_will(self, output, rc=0, hold=False):
+        """What the next `python train.py` prints and its exit status; with hold it keeps running."""
+        (self.stubs / "python.out").write_text(output)
+        (self.stubs / "python.rc").write_text(str(rc))
+        if hold:
+            (self.stubs / "python.hold").touch()
+
+    def release(self):
+        (self.stubs / "python.hold").unlink(missing_ok=True)
 
     def calls(self, prefix=""):
         lines = self.log.read_text().splitlines() if self.log.exists() else []
@@ -145,7 +180,9 @@ class Box:
 
 @pytest.fixture
 def box(tmp_path):
-    return Box(tmp_path)
+    box = Box(tmp_path)
+    yield box
+    box.release()
 
 
 def test_auto_picks_largest_unmounted_ebs_disk(box):
@@ -157,6 +194,21 @@ def test_auto_picks_largest_unmounted_ebs_disk(box):
     assert box.calls("mount") == [f"mount {box.dev}/nvme1n1 {box.mnt}"]
     assert "UUID=uuid-1" in box.fstab.read_text()
     assert not box.calls("mkfs")
+
+
+def test_auto_pick_ignores_memory_loop_and_empty_devices(box):
+    virtual = [lsblk_line("zram0", 0, model=""), lsblk_line("ram0", 0, model=""), lsblk_line("ram1", 4, model=""),
+               lsblk_line("loop0", 0, "loop", model=""), lsblk_line("loop1", 900, "loop", "squashfs", model=""),
+               lsblk_line("nvme3n1", 0)]
+    box.disks(ROOT_DISK + virtual + [lsblk_line("nvme2n1", 200)])
+    proc = box.run("--dry-run")
+    assert "picked /dev/nvme2n1 (200 GB" in proc.stderr
+    assert f"[dry-run] mount {box.dev}/nvme2n1 {box.mnt}" in proc.stdout
+
+    box.disks(ROOT_DISK + virtual)
+    proc = box.run("--dry-run", check=False)
+    assert proc.returncode != 0 and "No unmounted data disk found" in proc.stderr
+    assert "picked" not in proc.stderr
 
 
 def test_device_flag_chooses_the_disk(box):
@@ -286,19 +338,93 @@ def test_without_tmux_uses_nohup(box):
     while not box.calls("nohup") and time.time() < deadline:  # nohup was started in the background
         time.sleep(0.05)
     (call,) = box.calls("nohup")
-    assert (box.code / "runs/resnet50/train.pid").read_text().strip().isdigit()
-    assert call.startswith(f"nohup {box.mnt}/venv/bin/python train.py --output-dir {box.code}/runs/resnet50")
+    assert (box.mnt / "runs/resnet50/train.pid").read_text().strip().isdigit()
+    assert call.startswith(f"nohup {box.mnt}/venv/bin/python train.py --output-dir {box.mnt}/runs/resnet50")
     assert "nohup" in proc.stdout and "tail -f" in proc.stdout
 
 
 def test_passthrough_args_reach_train_py(box):
     box.run("--batch-size", "64", "--", "--epochs", "2", "--lr", "0.1 0.2")
-    (call,), env = box.run_tmux_command()
-    assert call == (f"python train.py --output-dir {box.code}/runs/resnet50 "
+    (call,), env = box.train_calls()
+    assert call == (f"python train.py --output-dir {box.mnt}/runs/resnet50 "
                     "--batch-size 64 --epochs 2 --lr 0.1 0.2")
     assert env == f"env DATASET_PATH={box.mnt}/extracted PWD={box.code}"
-    (log,) = (box.code / "runs/resnet50/logs").glob("train-*.log")
-    assert log.read_text() == "output of python\n"
+    (log,) = (box.mnt / "runs/resnet50/logs").glob("train-*.log")
+    assert log.read_text() == "output of python\ntrain.py exited with status 0\n"
+
+
+def without_tmux(box):
+    (box.bin / "tmux").unlink()
+
+
+@pytest.mark.parametrize("launcher", ["tmux", "nohup"])
+def test_a_run_that_fails_its_start_up_checks_is_reported_with_its_log(box, launcher):
+    if launcher == "nohup":
+        without_tmux(box)
+    box.train_py_will("Data: ...\nerror: --batch-size must be at least 1, not 0.\n", rc=2)
+    proc = box.run("--", "--batch-size", "0", check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "error: --batch-size must be at least 1" in proc.stderr  # the log's last lines
+    assert "stopped during start-up (exit status 2)" in proc.stderr
+    assert "training runs" not in proc.stdout
+
+
+@pytest.mark.parametrize("launcher", ["tmux", "nohup"])
+def test_a_run_that_passes_its_start_up_checks_is_left_running(box, launcher):
+    if launcher == "nohup":
+        without_tmux(box)
+    box.train_py_will("Data: 10 classes\nTraining resnet50 on 8 x cuda\n", hold=True)
+    proc = box.run()
+    assert "Data: 10 classes\nTraining resnet50 on 8 x cuda\n" in proc.stdout
+    assert "passed its start-up checks" in proc.stdout and "stopped" not in proc.stderr
+    (log,) = (box.mnt / "runs/resnet50/logs").glob("train-*.log")
+    assert "exited" not in log.read_text()  # still running when the script returned
+
+
+def test_a_slow_start_up_is_left_running_after_the_wait(box):
+    box.env["STARTUP_WAIT_SECONDS"] = "1"
+    box.train_py_will("Data: counting 1,281,167 images\n", hold=True)
+    proc = box.run()
+    assert "still starting after 1 s" in proc.stdout and "tail -f" in proc.stdout
+
+
+def test_a_run_with_nothing_to_do_exits_0(box):
+    box.train_py_will("This run is already finished (50 of 50 epochs).\n")
+    proc = box.run()
+    assert "already finished" in proc.stderr and "status 0" in proc.stdout
+
+
+def test_the_run_lives_on_the_data_volume_where_a_bare_train_py_looks(box):
+    proc = box.run()
+    assert f"the run lives in {box.mnt}/runs/resnet50" in proc.stdout  # outlives a spot instance's root volume
+    (call,), _ = box.train_calls()
+    assert call.startswith(f"python train.py --output-dir {box.mnt}/runs/resnet50")
+    # train.py's own default, from the same code with the same mounts, is that folder too.
+    ask = ("import sys; sys.path.insert(0, sys.argv[1]); import dataset_paths; "
+           "print(dataset_paths.DEFAULT_OUTPUT_DIR)")
+    bare = subprocess.run([str(box.bin / "python3"), "-c", ask, str(box.code)], capture_output=True, text=True,
+                          env={**box.env, "DATASET_PATH": str(box.mnt / "extracted")}, check=True)
+    assert bare.stdout.strip() == f"{box.mnt}/runs/resnet50"
+
+
+def test_data_off_the_volume_keeps_the_run_beside_the_code(box):
+    box.env["DATASET_PATH"] = str(box.tmp / "imagenet")
+    box.run()
+    (call,), _ = box.train_calls()
+    assert call.startswith(f"python train.py --output-dir {box.code}/runs/resnet50")
+
+
+def test_a_run_started_beside_the_code_is_continued_there(box):
+    (box.code / "runs/resnet50").mkdir(parents=True)
+    (box.code / "runs/resnet50/checkpoint.pth").write_bytes(b"a run from before outputs moved to the volume")
+    box.run()
+    (call,), _ = box.train_calls()
+    assert call.startswith(f"python train.py --output-dir {box.code}/runs/resnet50")
+
+
+def test_dry_run_says_where_the_run_will_live_once_the_volume_is_mounted(box):
+    proc = box.run("--dry-run")
+    assert f"{box.mnt} is not mounted yet" in proc.stdout and f"default is {box.mnt}/runs/resnet50" in proc.stdout
 
 
 def test_venv_created_and_requirements_installed_once(box):
@@ -311,7 +437,7 @@ def test_venv_created_and_requirements_installed_once(box):
 def test_demo_skips_disk_work(box):
     proc = box.run("--demo", "--", "--epochs", "1")
     assert not box.calls("lsblk") and not box.calls("mount") and not box.calls("blkid")
-    (call,), _ = box.run_tmux_command()
+    (call,), _ = box.train_calls()
     assert call == f"python train.py --output-dir {box.code}/runs/demo --demo --epochs 1"
     assert "demo mode" in proc.stdout
 
