@@ -71,7 +71,7 @@ def test_no_checkpoint_means_no_predictions(tmp_path):
     broken = tmp_path / "broken.pth"
     broken.write_bytes(b"\x00" * 100)
     clf, status = app.load_for_page(str(broken))
-    assert clf is None and "not a readable" in status
+    assert clf is None and "is not a model file" in status
     scores, message, crop = app.predict(None, status, str(a_val_image()))
     assert scores is None and crop is None and message == status
 

@@ -70,6 +70,17 @@ def test_export_bad_input(tmp_path, capsys):
     assert code == 2 and err.startswith("error: ") and "Traceback" not in err and out == ""
 
 
+def test_a_text_file_is_named_as_such_by_every_tool(tmp_path, capsys):
+    notes = tmp_path / "checkpoint.pth"
+    notes.write_text("epochs: 90\nlr: 0.1\n")  # torch.load alone fails on this with a bare KeyError
+    for module, argv in ((predict, [a_val_image()]), (evaluate, ["--data-dir", DIGITS]), (export, ["onnx"])):
+        code, out, err = run(capsys, module, *argv, "--checkpoint", notes)
+        assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, (module.__name__, err)
+        assert err.startswith(f"error: {notes} is not a model file: it holds text.")
+        assert all(kind in err for kind in ("train.py checkpoint", ".safetensors", ".onnx")), err
+        assert "KeyError" not in err and "Traceback" not in err
+
+
 def test_predict_lists_top5_and_reports_bad_files(demo_checkpoint, tmp_path, capsys):  # noqa: F811
     not_image = tmp_path / "notes.jpg"
     not_image.write_text("not a picture")
