@@ -89,6 +89,32 @@ def test_bad_uploads_are_answered(demo_checkpoint, tmp_path):  # noqa: F811
     assert len(scores) == 5 and crop.size[0] >= app.PREVIEW_SIZE
 
 
+def test_missing_gradio_and_a_taken_port_are_one_line(tmp_path, capsys, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "gradio", None)  # what `import gradio` meets when it is not installed
+        code = app.main(["--checkpoint", str(tmp_path / "missing.pth"), "--port", str(free_port())])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and err.strip().splitlines() == [
+        "error: app.py needs the gradio package, which is not installed: pip install -r requirements-app.txt"]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        code = app.main(["--checkpoint", str(tmp_path / "missing.pth"), "--port", str(port)])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert f"Port {port} is in use" in err and "--port" in err
+
+
+def test_the_space_folder_finds_its_weights(tmp_path, monkeypatch):
+    monkeypatch.delenv("CHECKPOINT_PATH", raising=False)
+    monkeypatch.setattr(app, "__file__", str(tmp_path / "app.py"))
+    assert app.default_checkpoint() == app.DEFAULT_CHECKPOINT
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert app.default_checkpoint() == str(tmp_path / "model.safetensors")
+    monkeypatch.setenv("CHECKPOINT_PATH", "elsewhere.pth")
+    assert app.default_checkpoint() == "elsewhere.pth"
+
+
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
                                                   "(apt-get install -y chromium); CI installs it")
 def test_page_in_a_real_browser(demo_checkpoint, tmp_path):  # noqa: F811
