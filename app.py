@@ -6,11 +6,9 @@
 ImageNet checkpoints show the class names bundled with torchvision; other class sets show their folder names.
 Without a usable checkpoint the page says why and predicts nothing: no model is built from random weights.
 
-Hugging Face Space (SDK "gradio", app_file app.py): the Space repository needs app.py, inference.py, data.py,
-model.py, checkpoint.py, dataset_paths.py, the checkpoint (through Git LFS; train.py's checkpoint.pth or a
-smaller export.py .onnx, then onnxruntime too), and a requirements.txt holding the torch, torchvision, numpy
-and pillow lines of this repository's requirements.txt plus the lines of requirements-app.txt. Set the Space
-variable CHECKPOINT_PATH to the checkpoint's path in the Space repository.
+Hugging Face Space: `python export.py space --checkpoint CKPT --out DIR [--push USER/NAME]` writes this app,
+the modules it imports and the weights (model.safetensors, which the app loads when no checkpoint is named)
+into a folder that is a complete Space.
 """
 
 import argparse
