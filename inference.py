@@ -179,7 +179,7 @@ def build_model(path: Path, arch: str | None, class_names: list[str], weights: d
 def load_safetensors(path: Path) -> Classifier:
     """Weights written by export.py space: the tensors, and in the file's metadata (a str -> str map) the
     architecture, the image size and the class names as a JSON list, so the file alone describes the model."""
-    require("safetensors", what=f"Reading {path.name}")
+    require("safetensors", what=f"Loading {path.name}")
     from safetensors import safe_open
 
     try:
@@ -217,7 +217,7 @@ class OnnxModule(torch.nn.Module):
 
 
 def onnx_session(path: Path, threads: int | None = None):
-    require("onnxruntime", what=f"Running {path.name}")
+    require("onnxruntime", what=f"Loading {path.name}")
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -226,7 +226,7 @@ def onnx_session(path: Path, threads: int | None = None):
 
 
 def load_onnx(path: Path) -> Classifier:
-    require("onnxruntime", what=f"Running {path.name}")  # before the try below, which reads any error as damage
+    require("onnxruntime", what=f"Loading {path.name}")  # before the try below, which reads any error as damage
     try:
         session = onnx_session(path)
     except Exception as err:  # onnxruntime raises its own exception types for unreadable or invalid files

@@ -2,6 +2,7 @@
 
 import json
 import struct
+import sys
 import zlib
 
 import numpy as np
@@ -79,6 +80,17 @@ def test_a_text_file_is_named_as_such_by_every_tool(tmp_path, capsys):
         assert err.startswith(f"error: {notes} is not a model file: it holds text.")
         assert all(kind in err for kind in ("train.py checkpoint", ".safetensors", ".onnx")), err
         assert "KeyError" not in err and "Traceback" not in err
+
+
+def test_a_missing_reader_package_is_one_line(tmp_path, capsys, monkeypatch):
+    for name, module in (("model.onnx", "onnxruntime"), ("model.safetensors", "safetensors")):
+        (tmp_path / name).write_bytes(b"\0" * 64)
+        with monkeypatch.context() as m:
+            m.setitem(sys.modules, module, None)  # what `import module` meets when it is not installed
+            code, out, err = run(capsys, predict, a_val_image(), "--checkpoint", tmp_path / name)
+        assert code == 2 and out == "" and err.strip().splitlines() == [
+            f"error: Loading {name} needs the {module} package, which is not installed: "
+            f"pip install -r requirements-app.txt"]
 
 
 def test_predict_lists_top5_and_reports_bad_files(demo_checkpoint, tmp_path, capsys):  # noqa: F811
