@@ -111,7 +111,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     quant.add_argument("--batch-size", type=int, default=32, help="the larger of the two timed batch sizes")
     space = sub.add_parser("space", help="a Hugging Face Space folder: the demo app and the weights as .safetensors")
     space.add_argument("--checkpoint", required=True, help="a checkpoint.pth written by train.py")
-    space.add_argument("--out", "--output", dest="output",
+    space.add_argument("--out", "--output", dest="output", metavar="DIR",
                        help="the folder to write; must be new or empty (default: space/ beside the checkpoint)")
     space.add_argument("--fp16", action="store_true", help="store the weights in half precision: half the download; "
                                                            "the app computes in float32 either way")
