@@ -6,24 +6,25 @@
 ImageNet checkpoints show the class names bundled with torchvision; other class sets show their folder names.
 Without a usable checkpoint the page says why and predicts nothing: no model is built from random weights.
 
-Hugging Face Space (SDK "gradio", app_file app.py): the Space repository needs app.py, inference.py, data.py,
-model.py, checkpoint.py, dataset_paths.py, the checkpoint (through Git LFS; train.py's checkpoint.pth or a
-smaller export.py .onnx, then onnxruntime too), and a requirements.txt holding the torch, torchvision, numpy
-and pillow lines of this repository's requirements.txt plus the lines of requirements-app.txt. Set the Space
-variable CHECKPOINT_PATH to the checkpoint's path in the Space repository.
+Hugging Face Space: `python export.py space --checkpoint CKPT --out DIR [--push USER/NAME]` writes this app,
+the modules it imports and the weights (model.safetensors, which the app loads when no checkpoint is named)
+into a folder that is a complete Space.
 """
 
 import argparse
+import errno
 import os
+import socket
 import sys
+from pathlib import Path
 
-# Before gradio is imported: no usage statistics and no version check are sent anywhere.
+from PIL import Image
+
+from inference import EXIT_BAD_INPUT, WEIGHTS_FILE, Classifier, InferenceError, load_classifier, load_image, require
+
+# Before gradio is imported: no usage statistics and no version check are sent anywhere. gradio itself is
+# imported where it is used, so that without it main() can say what to install instead of a traceback.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-
-import gradio as gr  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from inference import Classifier, InferenceError, load_classifier, load_image  # noqa: E402
 
 TOP_K = 5
 DEFAULT_CHECKPOINT = "runs/resnet50/checkpoint.pth"
@@ -60,7 +61,31 @@ def predict(clf: Classifier | None, no_model_message: str, path: str | None):
     return dict(top), f"Top {len(top)} of {len(clf.class_names)} classes.", preview
 
 
-def build_page(clf: Classifier | None, status: str) -> gr.Blocks:
+def default_checkpoint() -> str:
+    """$CHECKPOINT_PATH, else the weights export.py space puts beside this file, else a training run's output."""
+    beside = Path(__file__).with_name(WEIGHTS_FILE)
+    return os.environ.get("CHECKPOINT_PATH") or (str(beside) if beside.is_file() else DEFAULT_CHECKPOINT)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """InferenceError if host:port cannot be listened on, found before the model loads and the page is built;
+    gradio's own message for a taken port names its launch() parameter, not this script's flag."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind) as s:
+            # As servers bind: SO_REUSEADDR, so a port a just-stopped server left in TIME_WAIT counts as free.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(address)
+    except OSError as err:
+        if err.errno == errno.EADDRINUSE:
+            raise InferenceError(f"Port {port} is in use (another app.py?); pick a free one with --port.") from err
+        raise InferenceError(f"Cannot listen on {host}:{port} ({err.strerror or err}); check --host and "
+                             f"--port.") from err
+
+
+def build_page(clf: Classifier | None, status: str):
+    import gradio as gr
+
     # Uploads are deleted after an hour: a public demo should not accumulate what people send it.
     with gr.Blocks(title="ResNet-50 classifier", analytics_enabled=False, delete_cache=(600, 3600)) as page:
         gr.Markdown("# ResNet-50 image classifier\nUpload an image to see the five most probable classes.")
@@ -80,13 +105,22 @@ def build_page(clf: Classifier | None, status: str) -> gr.Blocks:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", default=os.environ.get("CHECKPOINT_PATH", DEFAULT_CHECKPOINT),
-                        help="train.py checkpoint or export.py .onnx (default: $CHECKPOINT_PATH, else %(default)s)")
+    parser.add_argument("--checkpoint", default=default_checkpoint(),
+                        help=f"train.py checkpoint or export.py .safetensors or .onnx (default: $CHECKPOINT_PATH, "
+                             f"else {WEIGHTS_FILE} beside app.py, else {DEFAULT_CHECKPOINT})")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                         help="address to listen on; 0.0.0.0 for other machines (default: %(default)s)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
                         help="port (default: %(default)s)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        require("gradio", what="app.py")
+        check_port_free(args.host, args.port)
+    except InferenceError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    import gradio as gr
+
     clf, status = load_for_page(args.checkpoint)
     print(status.replace("**", "").replace("`", ""), flush=True)
     # System fonts: the default theme would fetch Google Fonts, which a sandboxed Space or browser may block.

@@ -4,6 +4,8 @@
     python export.py onnx --checkpoint runs/demo/checkpoint.pth               # -> runs/demo/resnet26_narrow.onnx
     python export.py quantize --checkpoint runs/demo/checkpoint.pth --data-dir data/digits
                                                                # -> resnet26_narrow.onnx and resnet26_narrow.int8.onnx
+    python export.py space --checkpoint runs/resnet50/checkpoint.pth --out space [--fp16] [--push USER/NAME]
+                                                               # -> a Hugging Face Space folder, optionally uploaded
 
 Every export is run on the same batch as the PyTorch model and the largest absolute difference of the logits
 is reported; above --tolerance the command fails. The models take what the checkpoint takes: float32
@@ -16,10 +18,22 @@ weights, uint8 activations, ranges calibrated on --calibration-images train imag
 checkpoint and the int8 model on the val folder with evaluate.py's code and times both: the accuracy change and
 the speed-up are printed, not assumed. torch.ao.quantization is not used: torch has deprecated it in favour of
 torchao, and the onnxruntime model is what a CPU deployment runs anyway.
+
+space writes a folder that is a complete Gradio Space: app.py and the modules it imports (found by reading
+their import statements, so nothing of training comes along), a requirements.txt for CPU serving, a README.md
+with the Space's front matter, class_names.json, LICENSE, and model.safetensors: the weights alone (no
+optimizer state or history), optionally in fp16 for half the download, with the architecture, class names and
+image size in the file's metadata. The weights are read back through app.py's loader and compared with the
+checkpoint before anything is pushed. --push USER/NAME creates the Space if needed and uploads the folder with
+huggingface_hub (the token: $HF_TOKEN, else the one `hf auth login` saved).
 """
 
 import argparse
+import ast
+import importlib.metadata
 import json
+import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -34,11 +48,40 @@ import evaluate
 from data import ImageFolderDataset, Normalizer
 from dataset_paths import class_folders
 from engine import loader_workers
-from inference import EXIT_BAD_INPUT, Classifier, InferenceError, load_classifier, onnx_session
+from inference import (
+    EXIT_BAD_INPUT,
+    WEIGHTS_FILE,
+    Classifier,
+    InferenceError,
+    install_hint,
+    load_classifier,
+    onnx_session,
+    require,
+)
 from runtime import Runtime
 
 EXIT_PARITY = 1
 PARITY_BATCH = 8
+ROOT = Path(__file__).resolve().parent
+INPUT = "float32 N x 3 x S x S, RGB, (pixel / 255 - ImageNet mean) / ImageNet std"
+FP32_TOLERANCE = 1e-3
+# fp16 weights (11 significant bits) moved the logits by about 1e-3 of their largest magnitude, measured on the
+# demo network and on a ResNet-50 with random weights and BatchNorm statistics; a trained ResNet-50's logits
+# reach about 30, so 0.05 leaves a few times the expected change, and a broken conversion is far above it.
+FP16_TOLERANCE = 0.05
+# What the Space installs, in this order; the version bounds are copied from this repository's requirement
+# files so the Space runs what the tests ran.
+SPACE_PACKAGES = ("torch", "torchvision", "numpy", "pillow", "safetensors", "gradio")
+# Spaces install requirements.txt with pip; PyPI's Linux torch wheels bundle CUDA (gigabytes) that a CPU
+# Space never uses, the CPU builds from this index are a fraction of that.
+CPU_WHEELS = "https://download.pytorch.org/whl/cpu"
+REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def repo_id(value: str) -> str:
+    if not REPO_ID.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a Space name of the form USER/NAME")
+    return value
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -66,6 +109,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="fail if the int8 top-1 is more than this many points below fp32 (default: only report)")
     quant.add_argument("--timing-runs", type=int, default=20, help="timed runs per model and batch size")
     quant.add_argument("--batch-size", type=int, default=32, help="the larger of the two timed batch sizes")
+    space = sub.add_parser("space", help="a Hugging Face Space folder: the demo app and the weights as .safetensors")
+    space.add_argument("--checkpoint", required=True, help="a checkpoint.pth written by train.py")
+    space.add_argument("--out", "--output", dest="output", metavar="DIR",
+                       help="the folder to write; must be new or empty (default: space/ beside the checkpoint)")
+    space.add_argument("--fp16", action="store_true", help="store the weights in half precision: half the download; "
+                                                           "the app computes in float32 either way")
+    space.add_argument("--push", type=repo_id, metavar="USER/NAME",
+                       help="then create the Space USER/NAME if needed and upload the folder to it")
+    space.add_argument("--tolerance", type=float, default=None,
+                       help=f"largest allowed |logit difference| between the reloaded weights and the checkpoint "
+                            f"(default: {FP32_TOLERANCE}, with --fp16 {FP16_TOLERANCE})")
+    space.add_argument("--json", action="store_true", help="print one JSON object with the results")
     return parser.parse_args(argv)
 
 
@@ -104,8 +159,7 @@ def write_metadata(path: Path, clf: Classifier, precision: str) -> None:
 
     model = onnx.load(str(path))
     meta = {"class_names": json.dumps(clf.class_names), "image_size": str(clf.image_size), "arch": clf.arch,
-            "precision": precision, "source_checkpoint": clf.source.name,
-            "input": "float32 N x 3 x S x S, RGB, (pixel / 255 - ImageNet mean) / ImageNet std"}
+            "precision": precision, "source_checkpoint": clf.source.name, "input": INPUT}
     del model.metadata_props[:]
     for key, value in meta.items():
         model.metadata_props.add(key=key, value=value)
@@ -247,12 +301,164 @@ def quantize_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------- Space
+
+def local_modules(entry: Path) -> list[Path]:
+    """entry and every module of its folder that it imports, directly or through another. Imports inside
+    functions count too: a module imported only when some code path runs would otherwise be missing from the
+    Space exactly when that path runs."""
+    found, todo = set(), [entry]
+    while todo:
+        path = todo.pop()
+        if path in found:
+            continue
+        found.add(path)
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            todo += [path.parent / f"{n.split('.')[0]}.py" for n in names
+                     if (path.parent / f"{n.split('.')[0]}.py").is_file()]
+    return sorted(found)
+
+
+def requirement_lines(packages: tuple[str, ...]) -> list[str]:
+    """This repository's requirement line (with its bounds) for each package, in the order given."""
+    lines = {}
+    for name in ("requirements.txt", "requirements-app.txt"):
+        for line in (ROOT / name).read_text().splitlines():
+            if line.strip() and not line.lstrip().startswith(("#", "-")):
+                lines[re.match(r"[A-Za-z0-9_.-]+", line.strip()).group().lower()] = line.strip()
+    return [lines[p] for p in packages]
+
+
+def save_weights(clf: Classifier, path: Path, fp16: bool) -> None:
+    """The model's state_dict alone as safetensors, described by its metadata (a str -> str map, hence JSON for
+    the class list) so the file can be loaded without the checkpoint or the folder around it."""
+    from safetensors.torch import save_file
+
+    tensors = {name: (t.half() if fp16 and t.is_floating_point() else t).detach().cpu().contiguous()
+               for name, t in clf.model.state_dict().items()}
+    # "format": "pt" is the key the Hugging Face libraries read to tell PyTorch tensors from other frameworks'.
+    meta = {"format": "pt", "arch": clf.arch, "class_names": json.dumps(clf.class_names),
+            "image_size": str(clf.image_size), "precision": "fp16" if fp16 else "fp32",
+            "source_checkpoint": clf.source.name, "input": INPUT}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def yaml_str(value: str) -> str:
+    return json.dumps(value, ensure_ascii=False)  # a JSON string is a YAML string, quoted and escaped
+
+
+def space_readme(clf: Classifier, gradio_version: str, fp16: bool) -> str:
+    classes = len(clf.class_names)
+    front = {"title": yaml_str(f"{clf.arch} image classifier"), "emoji": yaml_str("🔎"), "colorFrom": "blue",
+             "colorTo": "gray", "sdk": "gradio", "sdk_version": yaml_str(gradio_version), "app_file": "app.py",
+             "pinned": "false", "license": "mit",
+             "short_description": yaml_str(f"Top-5 of {classes} classes for an uploaded image")}
+    lines = ["---", *(f"{k}: {v}" for k, v in front.items()), "---", "",
+             f"# {clf.arch} image classifier", "",
+             f"Upload an image to see the five most probable of the model's {classes} classes.", ""]
+    if clf.history and clf.epoch_finished:
+        last = clf.history[-1]
+        lines += [f"Trained for {last['epoch']} epochs; top-1 {last['val_acc1']:.2f}%, top-5 {last['val_acc5']:.2f}% "
+                  f"on its validation set of {last.get('val_images', '?')} images at {clf.image_size} px.", ""]
+    lines += [f"- `{WEIGHTS_FILE}`: the weights alone ({'float16' if fp16 else 'float32'}), with the "
+              f"architecture, the class names (as JSON) and the image size in the file's metadata.",
+              "- `class_names.json`: the class folders the model was trained on, in label order.",
+              f"- Input: the image resized to {clf.image_size} / 0.875 on its short side, centre-cropped to "
+              f"{clf.image_size} x {clf.image_size}, normalized with the ImageNet mean and std.", ""]
+    if clf.arch == "resnet50":
+        lines += ["The weights load into torchvision's and timm's ResNet-50 as they are:", "", "```python",
+                  "from safetensors.torch import load_file", "import torchvision", "",
+                  f"model = torchvision.models.resnet50(num_classes={classes})",
+                  f'model.load_state_dict(load_file("{WEIGHTS_FILE}"))  # or timm.create_model("resnet50", '
+                  f"num_classes={classes})", "```", ""]
+    return "\n".join(lines)
+
+
+def write_space(clf: Classifier, out: Path, fp16: bool) -> list[str]:
+    """The Space folder's files, by name."""
+    try:
+        gradio_version = importlib.metadata.version("gradio")
+    except importlib.metadata.PackageNotFoundError as err:
+        raise InferenceError(f"export.py space pins the Space to the gradio installed here, and none is: "
+                             f"{install_hint()}") from err
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InferenceError(f"{out} already exists and is not an empty folder. Choose a new --out: every file in "
+                             f"the folder is uploaded to the Space, stale ones too.")
+    out.mkdir(parents=True, exist_ok=True)
+    for module in local_modules(ROOT / "app.py"):
+        shutil.copyfile(module, out / module.name)
+    shutil.copyfile(ROOT / "LICENSE", out / "LICENSE")  # the MIT licence asks for its notice in every copy
+    save_weights(clf, out / WEIGHTS_FILE, fp16)
+    (out / "class_names.json").write_text(json.dumps(clf.class_names, indent=0) + "\n")
+    (out / "requirements.txt").write_text("\n".join(
+        ["# CPU serving: torch's CPU builds, a fraction of the size of PyPI's CUDA wheels.",
+         f"--extra-index-url {CPU_WHEELS}", *requirement_lines(SPACE_PACKAGES)]) + "\n")
+    (out / "README.md").write_text(space_readme(clf, gradio_version, fp16))
+    return sorted(p.name for p in out.iterdir())
+
+
+def push_space(folder: Path, name: str) -> str:
+    """Create the Space if needed and upload the folder as one commit; the URL of the Space."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()  # the token: $HF_TOKEN, else the one `hf auth login` saved
+    try:
+        api.create_repo(name, repo_type="space", space_sdk="gradio", exist_ok=True)
+        api.upload_folder(repo_id=name, repo_type="space", folder_path=str(folder),
+                          commit_message=f"Upload {WEIGHTS_FILE} and the app from export.py space")
+    except OSError as err:  # huggingface_hub's HTTP errors and its missing-token error are OSErrors
+        raise InferenceError(f"Could not push {folder} to the Space {name}: {str(err).splitlines()[0]} "
+                             f"(log in with `hf auth login` or set HF_TOKEN; the folder is complete, rerun with "
+                             f"--push or upload it yourself).") from err
+    return f"https://huggingface.co/spaces/{name}"
+
+
+@torch.no_grad()
+def space(clf: Classifier, args: argparse.Namespace) -> dict:
+    out = Path(args.output) if args.output else clf.source.with_name("space")
+    files = write_space(clf, out, args.fp16)
+    x = parity_batch(clf)
+    diff = max_abs_diff(load_classifier(out / WEIGHTS_FILE).model(x), clf.model(x))
+    tolerance = args.tolerance if args.tolerance is not None else FP16_TOLERANCE if args.fp16 else FP32_TOLERANCE
+    if diff > tolerance:
+        raise ParityError(f"The weights in {out / WEIGHTS_FILE} compute logits up to {diff:.3g} away from the "
+                          f"checkpoint's (> --tolerance {tolerance}); do not deploy them.")
+    return {"output": str(out), "files": files, "weights_bytes": (out / WEIGHTS_FILE).stat().st_size,
+            "precision": "fp16" if args.fp16 else "fp32", "max_abs_diff": diff, "tolerance": tolerance,
+            "parity_images": PARITY_BATCH, "space_url": push_space(out, args.push) if args.push else None}
+
+
+def space_report(r: dict) -> str:
+    lines = [f"Wrote the Space folder {r['output']}: {', '.join(r['files'])} ({WEIGHTS_FILE}: "
+             f"{r['weights_bytes'] / 1e6:.1f} MB, {r['precision']}).",
+             f"Weights read back vs the checkpoint: max |logit difference| on {r['parity_images']} images "
+             f"{r['max_abs_diff']:.3g} (tolerance {r['tolerance']})."]
+    if r["space_url"]:
+        lines.append(f"Pushed to {r['space_url']}")
+    else:
+        lines.append(f"Try it: cd {r['output']} && python app.py   Publish it: add --push USER/NAME")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        needs = {"onnx": ("onnx", "onnxruntime"), "quantize": ("onnx", "onnxruntime"),
+                 "space": ("safetensors",) + (("huggingface_hub",) if getattr(args, "push", None) else ())}
+        require(*needs.get(args.command, ()), what=f"export.py {args.command}")
         clf = load_classifier(args.checkpoint)
         if clf.onnx:
             raise InferenceError("export.py needs the train.py checkpoint.pth, not an exported model.")
+        if args.command == "space":
+            result = space(clf, args)
+            print(json.dumps(result) if args.json else space_report(result))
+            return 0
         if args.command == "quantize":
             result = quantize(clf, args)
             if args.int8_tolerance is not None and -result["acc1_change"] > args.int8_tolerance:

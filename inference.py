@@ -1,11 +1,12 @@
 """What app.py, predict.py, evaluate.py and export.py share: turn a train.py checkpoint (or a model that
-export.py wrote) into an eval-mode classifier with readable class labels, and turn one image file into the
-exact input that validation feeds the network.
+export.py wrote: .safetensors weights or .onnx) into an eval-mode classifier with readable class labels, and
+turn one image file into the exact input that validation feeds the network.
 
 A classifier is only ever built from a file whose weights load completely (strict state_dict loading), so no
 code path can end up predicting with randomly initialised weights.
 """
 
+import importlib
 import io
 import json
 import os
@@ -28,10 +29,32 @@ MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 ORIENTATION_TAG = 0x0112
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 TRANSPARENT_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+WEIGHTS_FILE = "model.safetensors"  # the name export.py space gives the weights, and where app.py looks first
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save has written zip archives since torch 1.6
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+ACCEPTED = ("--checkpoint takes a train.py checkpoint (checkpoint.pth, a torch.save zip archive) or a model "
+            "export.py wrote (.safetensors or .onnx)")
 
 
 class InferenceError(Exception):
     """A problem the user can fix (a missing or unreadable file); the message says what it is."""
+
+
+def install_hint() -> str:
+    """The command that installs the optional packages. A Space folder written by export.py has only its own
+    requirements.txt, so the hint names whichever file sits beside this module."""
+    in_repository = Path(__file__).with_name("requirements-app.txt").is_file()
+    return f"pip install -r {'requirements-app.txt' if in_repository else 'requirements.txt'}"
+
+
+def require(*modules: str, what: str) -> None:
+    """InferenceError naming the requirements file unless every module imports; for the optional packages,
+    so that a missing one is a line saying what to install rather than a traceback halfway through."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise InferenceError(f"{what} needs the {name} package, which is not installed: {install_hint()}") from err
 
 
 @dataclass
@@ -76,38 +99,108 @@ def display_labels(class_names: list[str]) -> list[str]:
     return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
 
 
+def file_kind(path: Path) -> str | None:
+    """"checkpoint", "safetensors" or "onnx" from the file's first bytes, or None for none of them. The name
+    can lie, and torch.load given a text file fails with a bare KeyError that tells the user nothing."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+        size = os.fstat(f.fileno()).st_size
+    if head.startswith(ZIP_MAGIC):
+        return "checkpoint"
+    # safetensors: an 8-byte little-endian header length, then that many bytes of JSON. Checking that the
+    # length fits inside the file keeps random bytes from passing for a header.
+    if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors"
+    if path.suffix in (".onnx", ".safetensors"):  # protobuf has no magic number; a damaged file gets its reader's error
+        return path.suffix[1:]
+    return None
+
+
+def not_a_model(path: Path) -> InferenceError:
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if not head:
+        what = "it is empty (0 bytes)"
+    elif head.startswith(LFS_POINTER):
+        what = "it is a Git LFS pointer, not the file it points to (run `git lfs pull`)"
+    elif b"\0" not in head and head.decode("utf-8", errors="replace")[:-1].count("\ufffd") == 0:
+        what = "it holds text"  # [:-1]: a character cut off by the 4096-byte sample is not a sign of binary data
+    else:
+        what = "its content is none of the accepted formats"
+    return InferenceError(f"{path} is not a model file: {what}. {ACCEPTED}.")
+
+
 def load_classifier(path: str | os.PathLike, weight_average: bool = False) -> Classifier:
-    """A train.py checkpoint (.pth) or an ONNX file written by export.py, on the CPU, in eval mode.
+    """A train.py checkpoint (.pth) or a model export.py wrote (.safetensors, .onnx), on the CPU, in eval mode.
     weight_average: the checkpoint's exponential moving average of the weights (train.py --ema-decay)."""
     path = Path(path)
     if not path.is_file():
         raise InferenceError(f"No model file at {path}. Pass the checkpoint.pth that train.py wrote "
-                             f"(e.g. runs/demo/checkpoint.pth after `python train.py --demo`) or an export.py .onnx.")
-    if path.suffix == ".onnx":
-        if weight_average:
-            raise InferenceError(f"{path} is an exported model; the weight average exists only in checkpoints.")
+                             f"(e.g. runs/demo/checkpoint.pth after `python train.py --demo`) or an export.py "
+                             f".safetensors or .onnx file.")
+    kind = file_kind(path)
+    if kind is None:
+        raise not_a_model(path)
+    if kind != "checkpoint" and weight_average:
+        raise InferenceError(f"{path} is an exported model; the weight average exists only in checkpoints.")
+    if kind == "onnx":
         return load_onnx(path)
+    if kind == "safetensors":
+        return load_safetensors(path)
     try:
         state = read_checkpoint(path)
     except Exception as err:  # torch.load fails in many ways on a damaged file; every one means "unusable"
         raise InferenceError(f"{path} is not a readable train.py checkpoint ({type(err).__name__}: "
                              f"{str(err)[:300]}).") from err
-    arch, class_names = state["config"].get("arch"), state["class_names"]
-    if arch not in ARCHITECTURES:
-        raise InferenceError(f"{path} holds an unknown architecture {arch!r}; this code knows {list(ARCHITECTURES)}.")
     if weight_average and not state.get("ema"):
         raise InferenceError(f"{path} holds no weight average: the run was trained without --ema-decay.")
-    model = ARCHITECTURES[arch](num_classes=len(class_names))
-    try:
-        # strict: every parameter and buffer is overwritten, none keeps its random initial value.
-        model.load_state_dict(state["ema" if weight_average else "model"], strict=True)
-    except RuntimeError as err:
-        raise InferenceError(f"The weights in {path} do not fit a {arch} with {len(class_names)} classes: "
-                             f"{str(err)[:300]}") from err
-    return Classifier(model.eval(), list(class_names), display_labels(class_names),
+    arch, class_names = state["config"].get("arch"), state["class_names"]
+    model = build_model(path, arch, class_names, state["ema" if weight_average else "model"])
+    return Classifier(model, list(class_names), display_labels(class_names),
                       # the size train.py validated at, which is what the weights are scored for
                       int(state["config"].get("eval_image_size") or state["config"]["image_size"]),
                       arch, path, dict(state["config"]), list(state.get("history", [])), state["samples_done"] == 0)
+
+
+def build_model(path: Path, arch: str | None, class_names: list[str], weights: dict) -> torch.nn.Module:
+    """The network with every parameter and buffer taken from weights (strict: none keeps its random initial
+    value), in eval mode. Half-precision weights are widened to the model's float32 as they are copied."""
+    if arch not in ARCHITECTURES:
+        raise InferenceError(f"{path} holds an unknown architecture {arch!r}; this code knows {list(ARCHITECTURES)}.")
+    model = ARCHITECTURES[arch](num_classes=len(class_names))
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as err:
+        raise InferenceError(f"The weights in {path} do not fit a {arch} with {len(class_names)} classes: "
+                             f"{str(err)[:300]}") from err
+    return model.eval()
+
+
+def load_safetensors(path: Path) -> Classifier:
+    """Weights written by export.py space: the tensors, and in the file's metadata (a str -> str map) the
+    architecture, the image size and the class names as a JSON list, so the file alone describes the model."""
+    require("safetensors", what=f"Loading {path.name}")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            weights = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as err:  # safetensors reports every kind of damage as its own SafetensorError
+        raise InferenceError(f"{path} is not a readable .safetensors file ({type(err).__name__}: "
+                             f"{str(err)[:300]}).") from err
+    try:
+        class_names = json.loads(meta["class_names"])
+        image_size = int(meta["image_size"])
+        arch = meta["arch"]
+        if not (isinstance(class_names, list) and all(isinstance(c, str) for c in class_names) and image_size > 0):
+            raise ValueError("class_names must be a list of strings and image_size positive")
+    except (KeyError, ValueError) as err:  # json.JSONDecodeError is a ValueError
+        raise InferenceError(f"{path} lacks the class names, image size and architecture that export.py space "
+                             f"stores in its metadata ({type(err).__name__}: {err}); write it with "
+                             f"`python export.py space`.") from err
+    return Classifier(build_model(path, arch, class_names, weights), class_names, display_labels(class_names),
+                      image_size, arch, path)
 
 
 class OnnxModule(torch.nn.Module):
@@ -124,6 +217,7 @@ class OnnxModule(torch.nn.Module):
 
 
 def onnx_session(path: Path, threads: int | None = None):
+    require("onnxruntime", what=f"Loading {path.name}")
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -132,6 +226,7 @@ def onnx_session(path: Path, threads: int | None = None):
 
 
 def load_onnx(path: Path) -> Classifier:
+    require("onnxruntime", what=f"Loading {path.name}")  # before the try below, which reads any error as damage
     try:
         session = onnx_session(path)
     except Exception as err:  # onnxruntime raises its own exception types for unreadable or invalid files

@@ -1,4 +1,4 @@
-"""Top-5 classes for image files, from a train.py checkpoint or an export.py ONNX model.
+"""Top-5 classes for image files, from a train.py checkpoint or a model export.py wrote (.safetensors, .onnx).
 
     python predict.py photo.jpg more/*.png --checkpoint runs/resnet50/checkpoint.pth
     CHECKPOINT_PATH=runs/demo/checkpoint.pth python predict.py data/digits/val/digit_3/*.jpg --json
@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("images", nargs="+", help="image files")
     default_checkpoint = os.environ.get("CHECKPOINT_PATH", str(DEFAULT_OUTPUT_DIR / "checkpoint.pth"))
     parser.add_argument("--checkpoint", default=default_checkpoint,
-                        help="train.py checkpoint or export.py .onnx (default: $CHECKPOINT_PATH, else %(default)s)")
+                        help="train.py checkpoint or export.py .safetensors or .onnx (default: $CHECKPOINT_PATH, "
+                             "else %(default)s)")
     parser.add_argument("--top-k", type=int, default=5, help="how many classes to list per image")
     parser.add_argument("--json", action="store_true", help="print one JSON object per image, one per line")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)

@@ -1,11 +1,15 @@
-"""app.py: the page in a real headless Chromium (driven by Playwright), plus the no-checkpoint case.
+"""app.py: the page in a real headless Chromium (driven by Playwright), plus the no-checkpoint case, and the
+Space folder export.py writes, served from a copy far from the repository.
 
 The browser test needs Debian's chromium package (/usr/bin/chromium); CI installs it. Playwright's own
 browser download is never used.
 """
 
+import json
+import math
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,6 +21,8 @@ import pytest
 from inference_fixtures import ROOT, a_val_image, demo_checkpoint  # noqa: F401  (a fixture)
 
 import app
+import export
+import predict
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -30,15 +36,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_app(checkpoint: Path, tmp_path: Path) -> tuple[subprocess.Popen, str]:
+def start_app(tmp_path: Path, *args, cwd: Path = ROOT, clean: bool = False) -> tuple[subprocess.Popen, str]:
+    """app.py from cwd on a free port. clean: as a Space starts it, nothing from the repository on the module
+    path and no CHECKPOINT_PATH (the folder's app finds its own weights)."""
     port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_TEMP_DIR": str(tmp_path / "gradio"),
            "PYTHONUNBUFFERED": "1"}
+    if clean:
+        env = {k: v for k, v in env.items() if k not in ("PYTHONPATH", "CHECKPOINT_PATH")}
     log = open(tmp_path / f"app-{port}.log", "w")  # noqa: SIM115  (closed with the process, below)
-    proc = subprocess.Popen([sys.executable, "app.py", "--checkpoint", str(checkpoint), "--port", str(port)],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "app.py", *map(str, args), "--port", str(port)],
+                            cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
     proc.log = log
     return proc, f"http://127.0.0.1:{port}/"
+
+
+def space_copy(checkpoint: Path, tmp_path: Path) -> Path:
+    """export.py space from the checkpoint, copied away from where it was written."""
+    assert export.main(["space", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "exported")]) == 0
+    return Path(shutil.copytree(tmp_path / "exported", tmp_path / "elsewhere" / "space"))
+
+
+def as_the_page_shows(predictions: list[dict]) -> list[tuple[str, str]]:
+    """predict.py's top-5 as gr.Label prints it: the label and Math.round(100 * probability) percent."""
+    return [(p["label"], f"{math.floor(100 * p['probability'] + 0.5)}%") for p in predictions]
 
 
 def wait_until_serving(proc: subprocess.Popen, url: str, timeout: float = 90) -> None:
@@ -71,7 +92,7 @@ def test_no_checkpoint_means_no_predictions(tmp_path):
     broken = tmp_path / "broken.pth"
     broken.write_bytes(b"\x00" * 100)
     clf, status = app.load_for_page(str(broken))
-    assert clf is None and "not a readable" in status
+    assert clf is None and "is not a model file" in status
     scores, message, crop = app.predict(None, status, str(a_val_image()))
     assert scores is None and crop is None and message == status
 
@@ -89,18 +110,52 @@ def test_bad_uploads_are_answered(demo_checkpoint, tmp_path):  # noqa: F811
     assert len(scores) == 5 and crop.size[0] >= app.PREVIEW_SIZE
 
 
+def test_missing_gradio_and_a_taken_port_are_one_line(tmp_path, capsys, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "gradio", None)  # what `import gradio` meets when it is not installed
+        code = app.main(["--checkpoint", str(tmp_path / "missing.pth"), "--port", str(free_port())])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and err.strip().splitlines() == [
+        "error: app.py needs the gradio package, which is not installed: pip install -r requirements-app.txt"]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        code = app.main(["--checkpoint", str(tmp_path / "missing.pth"), "--port", str(port)])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert f"Port {port} is in use" in err and "--port" in err
+
+
+def test_the_space_folder_finds_its_weights(tmp_path, monkeypatch):
+    monkeypatch.delenv("CHECKPOINT_PATH", raising=False)
+    monkeypatch.setattr(app, "__file__", str(tmp_path / "app.py"))
+    assert app.default_checkpoint() == app.DEFAULT_CHECKPOINT
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert app.default_checkpoint() == str(tmp_path / "model.safetensors")
+    monkeypatch.setenv("CHECKPOINT_PATH", "elsewhere.pth")
+    assert app.default_checkpoint() == "elsewhere.pth"
+
+
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
                                                   "(apt-get install -y chromium); CI installs it")
-def test_page_in_a_real_browser(demo_checkpoint, tmp_path):  # noqa: F811
+def test_pages_in_a_real_browser(demo_checkpoint, tmp_path, capsys):  # noqa: F811
+    """The repository's app, the same with no model, and the exported Space: one browser for all three, the
+    servers started together, so the test costs about one app's start-up."""
     from playwright.sync_api import expect, sync_playwright
 
-    served, url = start_app(demo_checkpoint, tmp_path)
-    no_model, no_model_url = start_app(tmp_path / "missing.pth", tmp_path)
+    space = space_copy(demo_checkpoint, tmp_path)
+    capsys.readouterr()  # export.py's report
+    assert predict.main([str(a_val_image(5)), "--checkpoint", str(demo_checkpoint), "--json"]) == 0
+    expected = as_the_page_shows(json.loads(capsys.readouterr().out)["predictions"])
+    served, url = start_app(tmp_path, "--checkpoint", demo_checkpoint)
+    no_model, no_model_url = start_app(tmp_path, "--checkpoint", tmp_path / "missing.pth")
+    space_app, space_url = start_app(tmp_path, cwd=space, clean=True)
     not_image = tmp_path / "notes.jpg"
     not_image.write_text("this is text, not a picture")
     try:
         wait_until_serving(served, url)
         wait_until_serving(no_model, no_model_url)
+        wait_until_serving(space_app, space_url)
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1200, "height": 640})
@@ -132,9 +187,18 @@ def test_page_in_a_real_browser(demo_checkpoint, tmp_path):  # noqa: F811
             upload.set_input_files(str(a_val_image(3)))
             expect(page.locator("#message")).to_contain_text("No model is loaded", timeout=30_000)
             expect(rows).to_have_count(0)
+
+            # The Space: its own weights, found without --checkpoint, and predict.py's top-5 for the image.
+            page.goto(space_url)
+            expect(page.locator("#model-status")).to_contain_text("from model.safetensors", timeout=30_000)
+            upload.set_input_files(str(a_val_image(5)))
+            expect(rows).to_have_count(5, timeout=30_000)
+            shown = list(zip(rows.locator("dt").all_inner_texts(), rows.locator("dd").all_inner_texts(), strict=True))
+            assert shown == expected
             browser.close()
-        assert served.poll() is None and no_model.poll() is None
+        assert served.poll() is None and no_model.poll() is None and space_app.poll() is None
     finally:
         stop(served)
         stop(no_model)
+        stop(space_app)
     print(f"screenshot: {tmp_path / SCREENSHOT}")

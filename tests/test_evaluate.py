@@ -78,8 +78,8 @@ def test_bad_input_is_one_clear_message(demo_checkpoint, tmp_path, capsys):  # n
     shutil.copytree(DIGITS / "val" / "digit_0", other_classes / "val" / "cat")
     cases = {
         "No model file": ["--checkpoint", tmp_path / "missing.pth", "--data-dir", DIGITS],
-        "not a readable train.py checkpoint": ["--checkpoint", garbage, "--data-dir", DIGITS],
-        "not a readable": ["--checkpoint", truncated, "--data-dir", DIGITS],
+        "is not a model file": ["--checkpoint", garbage, "--data-dir", DIGITS],
+        "not a readable train.py checkpoint": ["--checkpoint", truncated, "--data-dir", DIGITS],
         "does not exist": ["--checkpoint", demo_checkpoint, "--data-dir", tmp_path / "nowhere"],
         "class folders": ["--checkpoint", demo_checkpoint, "--data-dir", other_classes],
     }

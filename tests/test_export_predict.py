@@ -2,6 +2,7 @@
 
 import json
 import struct
+import sys
 import zlib
 
 import numpy as np
@@ -68,6 +69,28 @@ def test_int8_quantization_is_measured(demo_checkpoint, tmp_path, capsys):  # no
 def test_export_bad_input(tmp_path, capsys):
     code, out, err = run(capsys, export, "onnx", "--checkpoint", tmp_path / "missing.pth")
     assert code == 2 and err.startswith("error: ") and "Traceback" not in err and out == ""
+
+
+def test_a_text_file_is_named_as_such_by_every_tool(tmp_path, capsys):
+    notes = tmp_path / "checkpoint.pth"
+    notes.write_text("epochs: 90\nlr: 0.1\n")  # torch.load alone fails on this with a bare KeyError
+    for module, argv in ((predict, [a_val_image()]), (evaluate, ["--data-dir", DIGITS]), (export, ["onnx"])):
+        code, out, err = run(capsys, module, *argv, "--checkpoint", notes)
+        assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, (module.__name__, err)
+        assert err.startswith(f"error: {notes} is not a model file: it holds text.")
+        assert all(kind in err for kind in ("train.py checkpoint", ".safetensors", ".onnx")), err
+        assert "KeyError" not in err and "Traceback" not in err
+
+
+def test_a_missing_reader_package_is_one_line(tmp_path, capsys, monkeypatch):
+    for name, module in (("model.onnx", "onnxruntime"), ("model.safetensors", "safetensors")):
+        (tmp_path / name).write_bytes(b"\0" * 64)
+        with monkeypatch.context() as m:
+            m.setitem(sys.modules, module, None)  # what `import module` meets when it is not installed
+            code, out, err = run(capsys, predict, a_val_image(), "--checkpoint", tmp_path / name)
+        assert code == 2 and out == "" and err.strip().splitlines() == [
+            f"error: Loading {name} needs the {module} package, which is not installed: "
+            f"pip install -r requirements-app.txt"]
 
 
 def test_predict_lists_top5_and_reports_bad_files(demo_checkpoint, tmp_path, capsys):  # noqa: F811

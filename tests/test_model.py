@@ -48,3 +48,22 @@ def test_small_variants_run_and_are_small():
         net = net_fn(num_classes=10)
         assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10), name
     assert sum(p.numel() for p in ARCHITECTURES["resnet14_tiny"]().parameters()) < 1_000_000
+
+
+def test_a_checkpoints_weights_load_into_timm_and_torchvision():
+    import timm  # requirements-dev.txt; imported here so the other model tests run without it
+    torch.manual_seed(0)
+    ours = resnet50(num_classes=10)
+    for m in ours.modules():  # non-trivial BN statistics and residual branches, so the comparison means something
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    state = {"model": ours.state_dict()}  # what train.py saves under "model"
+    x = torch.randn(2, 3, 64, 64)
+    # pretrained=False: the architecture only; nothing is downloaded.
+    for other in (timm.create_model("resnet50", num_classes=10, pretrained=False),
+                  torchvision.models.resnet50(num_classes=10)):
+        other.load_state_dict(state["model"], strict=True)
+        with torch.no_grad():
+            assert torch.allclose(other.eval()(x), ours.eval()(x), atol=1e-5, rtol=1e-4)
