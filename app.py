@@ -20,6 +20,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from dataset_paths import DEFAULT_OUTPUT_DIR
 from inference import EXIT_BAD_INPUT, WEIGHTS_FILE, Classifier, InferenceError, load_classifier, load_image, require
 
 # Before gradio is imported: no usage statistics and no version check are sent anywhere. gradio itself is
@@ -27,7 +28,7 @@ from inference import EXIT_BAD_INPUT, WEIGHTS_FILE, Classifier, InferenceError, 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 TOP_K = 5
-DEFAULT_CHECKPOINT = "runs/resnet50/checkpoint.pth"
+DEFAULT_CHECKPOINT = str(DEFAULT_OUTPUT_DIR / "checkpoint.pth")  # where a bare `python train.py` saves
 MAX_UPLOAD = "50mb"
 PREVIEW_SIZE = 192
 

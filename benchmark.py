@@ -32,7 +32,7 @@ from PIL import Image
 
 from config import Config
 from data import ImageFolderDataset, TrainBatchSampler, list_samples, make_loader, usable_cores
-from dataset_paths import check_layout
+from dataset_paths import DatasetLayoutError, check_layout, class_folders
 from engine import build_training, train_step
 from gpu_decode import DeviceBatchDecoder, EncodedImageFolderDataset, collate_encoded
 from model import resnet50
@@ -152,7 +152,10 @@ def loader(args) -> None:
     from torchvision import transforms
 
     root = Path(args.data_dir) / "train"
-    classes = check_layout(args.data_dir).classes
+    classes = class_folders(root) if root.is_dir() else []  # the loader reads train/ alone: no val/ needed
+    if not classes:
+        raise DatasetLayoutError(f"{root} holds no class folders; the loader benchmark reads "
+                                 f"{root}/<class>/*.JPEG (benchmark.py make-data writes such a folder).")
     dataset = EncodedImageFolderDataset if args.decode == "gpu" else ImageFolderDataset
     ours = dataset(root, classes, True, args.image_size, seed=0)
     sampler = TrainBatchSampler(len(ours), args.batch_size, 0, 1, seed=0)
@@ -241,7 +244,7 @@ def shares(text: str) -> list[float]:
     return values
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("make-data", "compute", "loader", "train"):
@@ -276,9 +279,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.json:
         print(json.dumps(environment()), flush=True)
-    {"make-data": make_data, "compute": compute, "loader": loader, "train": train}[args.command](args)
+    try:
+        {"make-data": make_data, "compute": compute, "loader": loader, "train": train}[args.command](args)
+    except DatasetLayoutError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print("\n" + "\n".join(" | ".join(f"{k}={v}" for k, v in row.items()) for row in RESULTS), file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

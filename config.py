@@ -8,7 +8,7 @@ import argparse
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from dataset_paths import DEFAULT_DATA_DIR, DEFAULT_OUTPUT_DIR, DEMO_DATA_DIR, DEMO_OUTPUT_DIR
+from dataset_paths import DEFAULT_DATA_DIR, DEFAULT_OUTPUT_DIR, DEMO_DATA_DIR, DEMO_OUTPUT_DIR, default_output_dir
 from model import ARCHITECTURES, MIN_IMAGE_SIZE
 from recipes import INSTANCE_PRICES, RECIPES, SCHEDULES
 
@@ -27,7 +27,10 @@ def setting(default, help, **argparse_kwargs):
 @dataclass
 class Config:
     data_dir: str = setting(str(DEFAULT_DATA_DIR), "dataset root holding train/<class>/ and val/<class>/")
-    output_dir: str = setting(str(DEFAULT_OUTPUT_DIR), "checkpoints, metrics.csv and the plot; resumes from here")
+    output_dir: str = setting(str(DEFAULT_OUTPUT_DIR), "checkpoints, metrics.csv and the plot; resumes from here. "
+                                                       "Default: runs/resnet50 on the data's volume when it is a "
+                                                       "mounted one (it outlives a spot instance), else beside "
+                                                       "the code")
     recipe: str = setting("seed", "preset of the settings below (explicit flags still win): seed = the original "
                                   "50-epoch one-cycle run; fast = fewer epochs at lower resolution (see recipes.py)",
                           choices=list(RECIPES))
@@ -105,9 +108,13 @@ def add_config_argument(parser: argparse.ArgumentParser, f) -> None:
 
 
 def config_from_flags(explicit: dict) -> Config:
-    """The presets (--recipe, then --demo) under the flags that were given."""
-    return Config(**{**RECIPES[explicit.get("recipe", "seed")], **(DEMO_SETTINGS if explicit.get("demo") else {}),
-                     **explicit})
+    """The presets (--recipe, then --demo) under the flags that were given. A --data-dir without --output-dir
+    puts the run on that data's volume, as the default data root's run is on its volume."""
+    cfg = Config(**{**RECIPES[explicit.get("recipe", "seed")], **(DEMO_SETTINGS if explicit.get("demo") else {}),
+                    **explicit})
+    if "data_dir" in explicit and "output_dir" not in explicit and not cfg.demo:
+        cfg.output_dir = str(default_output_dir(cfg.data_dir))
+    return cfg
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, set[str]]:

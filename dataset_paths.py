@@ -104,6 +104,11 @@ def check_layout(root: str | os.PathLike) -> DatasetLayout:
     root = Path(root)
     prepare_hint = ("prepare_imagenet.py turns the ILSVRC2012 archives into this layout; see "
                     "ImageNet_Setup_Guide.md.")
+    if root.exists() and not root.is_dir():
+        raise DatasetLayoutError(
+            f"The data folder {root} is a file, not a folder. Pass --data-dir (or set DATASET_PATH to) the folder "
+            f"that holds train/<class>/*.JPEG and val/<class>/*.JPEG; an archive must be unpacked first. "
+            f"{prepare_hint}")
     if not root.is_dir():
         raise DatasetLayoutError(
             f"The data folder {root} does not exist. Pass --data-dir or set DATASET_PATH to a folder holding "

@@ -27,7 +27,8 @@ from runtime import AMP_DTYPES, Runtime, is_master_process, resolve_device, reso
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="a train.py checkpoint.pth or an export.py .onnx file")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a train.py checkpoint.pth, or an export.py .safetensors or .onnx file")
     parser.add_argument("--data-dir", help="dataset root holding val/<class>/ (default: the one the checkpoint was "
                                            "trained on)")
     parser.add_argument("--image-size", type=int, help="crop size as in train.py: resize to size / 0.875, center "

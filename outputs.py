@@ -12,8 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from checkpoint import LATEST, PREVIOUS
+from checkpoint import LATEST, PREVIOUS, UNREADABLE
 from config import UsageError
+from dataset_paths import data_volume
 from runtime import log
 
 LOCK_FILE = "train.lock"
@@ -52,6 +53,15 @@ def lock_output_dir(out: Path):
                "command": " ".join(sys.argv)}, lock)
     lock.flush()
     return lock
+
+
+def where_the_run_lives(out: Path) -> str:
+    """Said at start: a run on the root volume of a spot instance dies with it."""
+    volume = data_volume(out)
+    if volume is None:
+        return (f"Run folder: {out} (on the root filesystem: a spot termination deletes it; pass --output-dir on "
+                f"a persistent volume to keep the checkpoints)")
+    return f"Run folder: {out} (on the volume mounted at {volume}, which outlives this instance)"
 
 
 def describe_holder(text: str) -> str:
@@ -120,7 +130,7 @@ def plot_history(history: list[dict], path: Path) -> None:
 def move_run_aside(output_dir: Path) -> None:
     """--no-resume never destroys a previous run: its files go to a timestamped subfolder."""
     old = [output_dir / n for n in (LATEST, PREVIOUS, "metrics.csv", "training_curves.png")]
-    old = [p for p in old if p.exists()]
+    old = [p for p in old if p.exists()] + sorted(output_dir.glob(f"{LATEST}{UNREADABLE}*"))
     if old:
         archive = output_dir / time.strftime("previous-%Y%m%d-%H%M%S")
         archive.mkdir()

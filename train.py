@@ -54,6 +54,7 @@ from outputs import (
     lock_output_dir,
     move_run_aside,
     plot_history,
+    where_the_run_lives,
 )
 from recipes import WeightAverage, learning_rate, parameter_groups, peak_lr
 from runtime import Runtime, all_reduce, launch_one_process_per_gpu, log, resolve_device, setup_distributed
@@ -437,6 +438,7 @@ def read_run(cfg: Config, rt: Runtime):
 
 def run_training(cfg: Config, classes: list[str], explicit: set[str], rt: Runtime) -> int:
     state, _lock = read_run(cfg, rt)
+    log(where_the_run_lives(Path(cfg.output_dir).resolve()))
     if state is not None:
         cfg = resumed_config(cfg, state["config"], explicit)
     workers = split_cores(cfg.workers, rt)

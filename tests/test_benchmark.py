@@ -2,6 +2,7 @@
 --json, prints one JSON object per measurement."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -38,8 +39,10 @@ def test_make_data_writes_imagenet_like_jpegs_in_class_folders(bench_dir):
     assert {(500, 375), (375, 500)} & sizes
 
 
-def test_loader_compares_the_project_pipeline_with_torchvisions_on_the_same_files(bench_dir):
-    rows = benchmark("loader", "--data-dir", bench_dir, "--workers", 1, "--seconds", 1, "--batch-size", 4,
+def test_loader_compares_the_project_pipeline_with_torchvisions_on_the_same_files(bench_dir, tmp_path):
+    train_only = tmp_path / "train_only"  # the loader benchmark reads train/ alone
+    shutil.copytree(bench_dir / "train", train_only / "train")
+    rows = benchmark("loader", "--data-dir", train_only, "--workers", 1, "--seconds", 1, "--batch-size", 4,
                      "--image-size", 64)
     assert [r["pipeline"] for r in rows] == ["project", "torchvision"]
     assert all(r["what"] == "loader" and r["workers"] == 1 and r["img_s"] > 0 for r in rows)
@@ -62,3 +65,6 @@ def test_train_runs_train_pys_loop_and_relates_it_to_compute_only(bench_dir):
     refused = subprocess.run([sys.executable, "benchmark.py", "train", "--data-dir", bench_dir, "--decode", "gpu",
                               "--gpu-decode-share", "0.5,2"], cwd=REPO, capture_output=True, text=True)
     assert refused.returncode == 2 and "fractions from 0 to 1" in refused.stderr
+    no_val = subprocess.run([sys.executable, "benchmark.py", "train", "--data-dir", bench_dir / "train"], cwd=REPO,
+                            capture_output=True, text=True)
+    assert no_val.returncode == 2 and "has no train/ folder" in no_val.stderr and "Traceback" not in no_val.stderr

@@ -81,3 +81,24 @@ def test_a_run_already_beside_the_code_stays_there_until_one_lives_on_the_volume
 
 def test_the_constant_train_py_imports_is_the_rule_for_the_default_data_root():
     assert dataset_paths.DEFAULT_OUTPUT_DIR == default_output_dir(dataset_paths.DEFAULT_DATA_DIR)
+
+
+def test_a_data_dir_given_alone_puts_the_run_on_its_volume_and_the_start_says_where(tmp_path, mounts):
+    from config import parse_config
+    from outputs import where_the_run_lives
+
+    volume = tmp_path / "vol"
+    (volume / "other" / "extracted").mkdir(parents=True)
+    mounts.add(str(volume))
+    cfg = parse_config(["--data-dir", str(volume / "other" / "extracted")])
+    assert cfg.output_dir == str(volume / "runs" / "resnet50")
+    assert parse_config(["--data-dir", str(volume), "--output-dir", "/x"]).output_dir == "/x"
+    assert f"on the volume mounted at {volume}, which outlives" in where_the_run_lives(Path(cfg.output_dir))
+    assert "a spot termination deletes it" in where_the_run_lives(tmp_path / "elsewhere")
+
+
+def test_a_file_given_as_the_data_folder_is_named_as_a_file(tmp_path):
+    archive = tmp_path / "ILSVRC2012_img_train.tar"
+    archive.write_bytes(b"")
+    with pytest.raises(dataset_paths.DatasetLayoutError, match="is a file, not a folder"):
+        dataset_paths.check_layout(archive)

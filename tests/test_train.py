@@ -122,6 +122,8 @@ def test_corrupt_checkpoints_fall_back_then_refuse_then_move_aside(digits_dir, t
     assert fresh.returncode == 0, fresh.stderr
     archived = [p for p in out.iterdir() if p.name.startswith("previous-")]
     assert len(archived) == 1 and (archived[0] / LATEST).read_bytes() == b"garbage"
+    # The checkpoint moved aside by the first fallback goes with the run it belongs to.
+    assert len(list(archived[0].glob(f"{LATEST}.unreadable-*"))) == 1 and not list(out.glob("*.unreadable-*"))
     assert [int(r["epoch"]) for r in read_metrics(out)] == [1]
 
 
