@@ -79,6 +79,9 @@ class Config:
     log_every: int = setting(10, "steps between host syncs: progress bar, stop requests, periodic saves, NaN check")
     usd_per_hour: float = setting(0.0, "what the machine costs per hour; the progress bar and epoch summary then "
                                        "show the money spent and a projection for the whole run")
+    tensorboard: bool = setting(True, "write loss, top-1, LR, img/s, the data wait and val metrics to "
+                                      "OUTPUT_DIR/tensorboard at every sync point and epoch",
+                                action=argparse.BooleanOptionalAction)
     instance_type: str = setting("", "take --usd-per-hour from recipes.INSTANCE_PRICES (dated list prices)",
                                  choices=["", *INSTANCE_PRICES])
     no_resume: bool = setting(False, "start a new run; an existing one in --output-dir is moved to a subfolder")
@@ -94,7 +97,8 @@ DEMO_SETTINGS = dict(data_dir=str(DEMO_DATA_DIR), output_dir=str(DEMO_OUTPUT_DIR
 # Settings of this machine or this invocation rather than of the run: a resume takes them from the command
 # line or their defaults, never from the checkpoint.
 SESSION_SETTINGS = {"data_dir", "output_dir", "workers", "decode", "gpu_decode_share", "device", "compile",
-                    "checkpoint_minutes", "log_every", "usd_per_hour", "instance_type", "no_resume", "demo"}
+                    "checkpoint_minutes", "log_every", "usd_per_hour", "instance_type", "no_resume", "demo",
+                    "tensorboard"}
 
 
 def add_config_argument(parser: argparse.ArgumentParser, f) -> None:

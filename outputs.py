@@ -127,9 +127,43 @@ def plot_history(history: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
+class TrainingBoard:
+    """Live curves for TensorBoard in OUTPUT_DIR/tensorboard. The x axis counts training images, which mean the
+    same at any batch size or number of GPUs. A resumed run passes the position of its checkpoint: TensorBoard
+    then hides what a killed run wrote after it, so steps redone after a kill replace the lost ones instead of
+    doubling them. What was written at that very position (the sync point that saved, an epoch's val scores)
+    stays, as the resumed run does not write it again."""
+
+    def __init__(self, folder: Path, images_seen: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(folder), purge_step=images_seen + 1 if images_seen else None)
+
+    def scalars(self, images_seen: int, values: dict) -> None:
+        for name, value in values.items():
+            self.writer.add_scalar(name, value, images_seen)
+        self.writer.flush()  # a few hundred bytes per sync point; a kill then loses nothing already shown
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def open_board(enabled: bool, out: Path, images_seen: int) -> TrainingBoard | None:
+    if not enabled:
+        return None
+    try:
+        board = TrainingBoard(out / "tensorboard", images_seen)
+    except ImportError:
+        log("TensorBoard is not installed, so there are no live curves (pip install -r requirements.txt, or pass "
+            "--no-tensorboard to silence this).")
+        return None
+    log(f"Live curves: tensorboard --logdir {out / 'tensorboard'} (see README for viewing it from a laptop).")
+    return board
+
+
 def move_run_aside(output_dir: Path) -> None:
     """--no-resume never destroys a previous run: its files go to a timestamped subfolder."""
-    old = [output_dir / n for n in (LATEST, PREVIOUS, "metrics.csv", "training_curves.png")]
+    old = [output_dir / n for n in (LATEST, PREVIOUS, "metrics.csv", "training_curves.png", "tensorboard")]
     old = [p for p in old if p.exists()] + sorted(output_dir.glob(f"{LATEST}{UNREADABLE}*"))
     if old:
         archive = output_dir / time.strftime("previous-%Y%m%d-%H%M%S")

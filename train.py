@@ -48,11 +48,13 @@ from engine import (
     train_step,
 )
 from outputs import (
+    TrainingBoard,
     append_metrics,
     data_wait_advice,
     format_duration,
     lock_output_dir,
     move_run_aside,
+    open_board,
     plot_history,
     where_the_run_lives,
 )
@@ -110,6 +112,7 @@ class Run:
     # skipped images) and the training seconds it took so far.
     carried: torch.Tensor = field(default_factory=lambda: torch.zeros(5, dtype=torch.float64))
     carried_seconds: float = 0.0
+    board: TrainingBoard | None = None  # live curves, written by rank 0
 
     @property
     def out(self) -> Path:
@@ -125,6 +128,10 @@ class Run:
         c, steps_per_epoch = self.cfg, self.data.sampler.steps_per_epoch()
         return learning_rate(c.schedule, step, c.epochs * steps_per_epoch, round(c.warmup_epochs * steps_per_epoch),
                              self.peak_lr(), c.pct_start, c.div_factor, c.final_div_factor)
+
+    def images_seen(self) -> int:
+        """TensorBoard's x axis: the same at any batch size or number of processes."""
+        return self.epoch * len(self.data.train_set) + self.samples_done
 
     def seconds_spent(self) -> float:
         """Training plus validation time of the finished epochs."""
@@ -250,7 +257,7 @@ def train_epoch(run: Run) -> EpochResult:
     started = last_sync = time.perf_counter()
     last_save, synced_steps = time.monotonic(), 0
     waiting = LoaderWait(data.train_loader)
-    epoch_sums = run.carried
+    epoch_sums = last_sums = run.carried
     for i, (batch, labels, skipped) in enumerate(waiting):
         x = data.to_model_input(batch)  # first: decoding on the device may replace images, labels and skipped
         labels = labels.to(device, non_blocking=True)
@@ -276,9 +283,10 @@ def train_epoch(run: Run) -> EpochResult:
                                 f"lower --lr, or --precision bf16/fp32 instead of fp16.")
         now = time.perf_counter()
         bar.update(i + 1 - synced_steps)
-        show_progress(run, bar, epoch_sums, lr, (i + 1 - synced_steps) * data.sampler.global_batch / (now - last_sync),
-                      waiting.seconds / (now - started), run.carried_seconds + now - started)
-        synced_steps, last_sync = i + 1, now
+        report_progress(run, bar, epoch_sums, epoch_sums - last_sums, lr,
+                        (i + 1 - synced_steps) * data.sampler.global_batch / (now - last_sync),
+                        waiting.seconds / (now - started), run.carried_seconds + now - started)
+        synced_steps, last_sync, last_sums = i + 1, now, epoch_sums
         if packet[5] > 0 or packet[6] > 0:
             save(run, epoch_sums, run.carried_seconds + now - started)
             last_save = time.monotonic()
@@ -291,13 +299,19 @@ def train_epoch(run: Run) -> EpochResult:
                        waiting.first_batch_seconds)
 
 
-def show_progress(run: Run, bar: tqdm, epoch_sums: torch.Tensor, lr: float, images_per_second: float,
-                  data_wait: float, seconds: float) -> None:
+def report_progress(run: Run, bar: tqdm, epoch_sums: torch.Tensor, window: torch.Tensor, lr: float,
+                    images_per_second: float, data_wait: float, seconds: float) -> None:
+    """The progress bar shows the epoch so far; TensorBoard the steps since the last sync point."""
     seen = epoch_sums[3].item()
     usd_per_hour = run.cfg.usd_per_hour
     money = {"usd": f"{usd_per_hour * (run.seconds_spent() + seconds) / 3600:.2f}"} if usd_per_hour else {}
     bar.set_postfix(loss=f"{epoch_sums[0].item() / seen:.3f}", top1=f"{100 * epoch_sums[1].item() / seen:.1f}%",
                     lr=f"{lr:.3g}", img_s=f"{images_per_second:.0f}", data_wait=f"{100 * data_wait:.0f}%", **money)
+    if run.board:
+        loss, top1, _, images, _ = window.tolist()
+        run.board.scalars(run.images_seen(), {"train/loss": loss / images, "train/top1": 100 * top1 / images,
+                                              "train/lr": lr, "speed/images_per_second": images_per_second,
+                                              "speed/data_wait_pct": 100 * data_wait})
 
 
 def validate(run: Run) -> dict:
@@ -391,6 +405,9 @@ def fit(run: Run) -> int:
         save(run, run.carried, 0.0)
         if run.rt.master:
             write_outputs(run, row)
+        if run.board:
+            run.board.scalars(run.images_seen(), {f"val/{k.replace('val_', '')}": v for k, v in row.items()
+                                                  if k.startswith(("val_", "ema_val_")) and k != "val_seconds"})
         log(epoch_summary(run, row))
         stop_votes = all_reduce(torch.tensor([float(run.stop.signal_name is not None)], device=run.rt.device))
         if stop_votes.item() > 0 and run.epoch < cfg.epochs:
@@ -453,7 +470,12 @@ def run_training(cfg: Config, classes: list[str], explicit: set[str], rt: Runtim
             log(f"This run is already finished ({run.epoch} of {cfg.epochs} epochs, val top-1 {last:.2f}%). "
                 f"Outputs are in {run.out}. Pass a larger --epochs to train on, or --no-resume to start over.")
             return 0
-    return fit(run)
+    run.board = open_board(cfg.tensorboard and rt.master, run.out, run.images_seen())
+    try:
+        return fit(run)
+    finally:
+        if run.board:
+            run.board.close()
 
 
 def main(argv: list[str] | None = None) -> int:

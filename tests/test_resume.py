@@ -129,3 +129,33 @@ def test_evaluate_py_reproduces_the_logged_scores_of_the_model_and_of_its_weight
     assert averaged["weight_average"] is True
     assert averaged["acc1"] == pytest.approx(float(last["ema_val_acc1"]), abs=1e-9)
     assert averaged["logged_val_acc1"] == pytest.approx(float(last["ema_val_acc1"]), abs=1e-9)
+
+
+def test_live_curves_survive_a_kill_with_one_strictly_increasing_step_axis(digits_dir, tmp_path):
+    """SIGKILL in epoch 2, after the sync points of some of its steps reached TensorBoard but before any checkpoint
+    of it: the rerun redoes those steps, and TensorBoard shows each once, ending at metrics.csv's val top-1."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    args = ["--data-dir", digits_dir, "--output-dir", out, *FAST, "--epochs", 2, "--log-every", 3]
+    run = subprocess.Popen(train_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_new_checkpoint(out, run, None)  # the end of epoch 1
+    events = out / "tensorboard"
+    written = sum(f.stat().st_size for f in events.iterdir())
+    deadline = time.monotonic() + 60
+    while sum(f.stat().st_size for f in events.iterdir()) == written:  # a sync point of epoch 2 is on disk
+        assert run.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    run.kill()
+    run.communicate()
+    assert load_latest_checkpoint(out)["epoch"] == 1
+    rerun = run_train(*args)
+    assert rerun.returncode == 0 and "Resuming" in rerun.stdout, rerun.stderr
+
+    board = EventAccumulator(str(events), size_guidance={"scalars": 0})
+    board.Reload()
+    for tag in ("train/loss", "train/top1", "train/lr", "speed/images_per_second", "speed/data_wait_pct"):
+        steps = [e.step for e in board.Scalars(tag)]
+        assert steps == sorted(set(steps)) and len(steps) == 2 * 15, tag  # 44 steps an epoch: 15 sync points
+    [first, last] = board.Scalars("val/acc1")
+    assert last.step == 2 * 1437 and last.value == pytest.approx(float(metrics(out)[-1]["val_acc1"]), rel=1e-6)
