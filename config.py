@@ -63,6 +63,10 @@ class Config:
                               action=argparse.BooleanOptionalAction)
     min_crop_scale: float = setting(0.08, "smallest fraction of the image area a random training crop keeps")
     workers: int = setting(-1, "loader processes per GPU; -1: the CPU cores divided among the local processes")
+    threads: int = setting(0, "CPU runs: torch's compute threads per process; 0: measured when a run starts (all "
+                              "cores when the step takes over twice as long as the loader per batch, else the "
+                              "cores the workers leave) and kept for the run, so a resume computes bit for bit "
+                              "alike")
     decode: str = setting("cpu", "where JPEGs are decoded: cpu = in the loader workers; gpu = workers only read the "
                                  "files, batches are decoded, cropped and resized on the GPU (falls back to cpu "
                                  "without one)", choices=["cpu", "gpu"])
@@ -153,6 +157,8 @@ def config_problems(cfg: Config) -> list[str]:
     if 0 < cfg.image_size < MIN_IMAGE_SIZE or 0 < cfg.eval_image_size < MIN_IMAGE_SIZE:
         problems.append(f"--image-size and --eval-image-size must be at least {MIN_IMAGE_SIZE} pixels, the networks' "
                         f"total downsampling ({cfg.image_size} and {cfg.eval_image_size} given)")
+    if cfg.threads < 0:
+        problems.append(f"--threads must be 0 (measured) or more, not {cfg.threads}")
     if cfg.workers < -1:
         problems.append(f"--workers must be -1 (one per free core) or 0 and up, not {cfg.workers}")
     if cfg.usd_per_hour < 0 or cfg.lr_reference_batch < 0:

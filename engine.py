@@ -3,6 +3,7 @@ evaluation pass, and the input pipeline that turns JPEG folders into batches on 
 lr_finder.py, evaluate.py and benchmark.py build on these, so a change to the step is made once.
 """
 
+import copy
 import os
 import signal
 import time
@@ -30,14 +31,25 @@ def loader_workers(requested: int, rt: Runtime) -> int:
     return requested if requested >= 0 else 1 if rt.device.type == "cpu" else max(1, cores - 1)
 
 
-def split_cores(requested_workers: int, rt: Runtime) -> int:
-    """The loader workers for this process, and, on the CPU, torch's compute threads: the cores left over.
-    Compute threads spin while they wait for each other; sharing cores with loader workers or other ranks
-    makes them over ten times slower (measured on 2 cores)."""
+def split_cores(requested_workers: int, rt: Runtime, threads: int = 0) -> int:
+    """The loader workers for this process, and, on the CPU, torch's compute threads: `threads` when given,
+    else the cores the workers leave. Compute threads spin while they wait for each other; sharing cores with
+    busy loader workers or other ranks makes them over ten times slower (measured on 2 cores)."""
     workers = loader_workers(requested_workers, rt)
     if rt.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, usable_cores() // rt.local_world_size - workers))
+        torch.set_num_threads(threads or max(1, cores_per_process(rt) - workers))
     return workers
+
+
+def cores_per_process(rt: Runtime) -> int:
+    return max(1, usable_cores() // rt.local_world_size)
+
+
+def threads_for(loader_seconds: float, compute_seconds: float, cores: int, workers: int) -> int:
+    """Where the model takes over twice as long per batch as the loader, the workers idle most of the time:
+    every core computes, and the workers' bursts cost less than the core they would leave unused. Otherwise
+    compute keeps off the workers' cores."""
+    return cores if loader_seconds < compute_seconds / 2 else max(1, cores - workers)
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -225,3 +237,31 @@ def build_data(cfg: Config, classes: list[str], rt: Runtime, workers: int, with_
         val_loader = make_loader(val_set, ValBatchSampler(len(val_set), cfg.batch_size, rt.rank, rt.world_size),
                                  workers, pin, worker_signal_handling, collate_fn)
     return Data(train_set, sampler, train_loader, val_loader, to_model_input)
+
+
+def measure_threads(t: Training, data: Data, rt: Runtime, workers: int, batches: int = 3) -> tuple[int, str]:
+    """A new CPU run's compute threads, from the seconds per batch of its own loader and of its own step on a
+    copy of the model (the real model, optimizer and RNG are untouched). Returns the count and the reason."""
+    cores = cores_per_process(rt)
+    if rt.device.type != "cpu" or cores - workers < 1 or "OMP_NUM_THREADS" in os.environ:
+        return 0, ""
+    rng = torch.get_rng_state()  # a loader iterator draws its workers' base seed from it
+    loader = iter(data.train_loader)
+    next(loader)  # the workers' start-up is not their rate
+    start = time.perf_counter()
+    for _ in range(batches):
+        images, labels, _ = next(loader)
+    loader_seconds = (time.perf_counter() - start) / batches
+    del loader
+    model = copy.deepcopy(t.raw_model)
+    x = data.to_model_input(images)
+    torch.set_num_threads(cores - workers)
+    model(x).sum().backward()  # warm-up: the first step allocates
+    start = time.perf_counter()
+    for _ in range(batches):
+        t.criterion(model(x), labels).backward()
+    compute_seconds = (time.perf_counter() - start) / batches
+    torch.set_rng_state(rng)
+    threads = threads_for(loader_seconds, compute_seconds, cores, workers)
+    return threads, (f"the loader takes {loader_seconds:.3f} s a batch with {workers} workers, the step "
+                     f"{compute_seconds:.3f} s on {cores - workers} threads")

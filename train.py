@@ -44,6 +44,7 @@ from engine import (
     build_model,
     build_training,
     evaluate_models,
+    measure_threads,
     split_cores,
     train_step,
 )
@@ -458,9 +459,15 @@ def run_training(cfg: Config, classes: list[str], explicit: set[str], rt: Runtim
     log(where_the_run_lives(Path(cfg.output_dir).resolve()))
     if state is not None:
         cfg = resumed_config(cfg, state["config"], explicit)
-    workers = split_cores(cfg.workers, rt)
+    workers = split_cores(cfg.workers, rt, cfg.threads)
     run = Run(cfg, classes, rt, build_training(build_model(cfg, len(classes)), cfg, rt),
               build_data(cfg, classes, rt, workers), StopRequest())
+    if not cfg.threads:
+        threads, reason = measure_threads(run.training, run.data, rt, workers)
+        if threads:
+            cfg.threads = threads
+            split_cores(cfg.workers, rt, threads)
+            log(f"Compute threads: {threads} ({reason}); kept for this run, --threads N overrides.")
     if state is not None:
         resume(run, state)
         if rt.master:
