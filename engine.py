@@ -12,6 +12,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from config import Config, UsageError
@@ -45,11 +46,11 @@ def cores_per_process(rt: Runtime) -> int:
     return max(1, usable_cores() // rt.local_world_size)
 
 
-def threads_for(loader_seconds: float, compute_seconds: float, cores: int, workers: int) -> int:
-    """Where the model takes over twice as long per batch as the loader, the workers idle most of the time:
-    every core computes, and the workers' bursts cost less than the core they would leave unused. Otherwise
-    compute keeps off the workers' cores."""
-    return cores if loader_seconds < compute_seconds / 2 else max(1, cores - workers)
+def threads_for(seconds_leaving_workers_cores: float, seconds_on_every_core: float, cores: int, workers: int) -> int:
+    """Every core computes only where that measurably wins with the loader running beside it: in a step that
+    dwarfs the loader the workers idle most of the time; where they are busy, compute threads that share
+    their cores spin and run many times slower (over 10x measured on 2 cores)."""
+    return cores if seconds_on_every_core < seconds_leaving_workers_cores / 1.25 else max(1, cores - workers)
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -152,6 +153,20 @@ def evaluate_models(models: list[torch.nn.Module], loader, to_model_input, amp_d
             for loss, top1, top5, images, skipped in all_reduce(sums).tolist()]
 
 
+def check_replicas_agree(raw_model: torch.nn.Module, rt: Runtime, epoch: int) -> None:
+    """DDP keeps replicas identical by construction; verify it once per epoch, it costs one all-gather."""
+    if rt.world_size == 1:
+        return
+    fingerprint = torch.stack([t.detach().double().sum() for t in raw_model.state_dict().values()
+                               if t.is_floating_point()]).sum()
+    gathered = [torch.zeros_like(fingerprint) for _ in range(rt.world_size)]
+    dist.all_gather(gathered, fingerprint)
+    if any(g != gathered[0] for g in gathered):
+        raise RuntimeError(f"Model replicas differ across ranks after epoch {epoch + 1}: "
+                           f"{[g.item() for g in gathered]}")
+    log(f"Weights identical on all {rt.world_size} ranks (fingerprint {fingerprint.item():.12g}).")
+
+
 # ---------------------------------------------------------------------------------------------------- input
 
 WORKER_GRACE_SECONDS = 60
@@ -239,29 +254,30 @@ def build_data(cfg: Config, classes: list[str], rt: Runtime, workers: int, with_
     return Data(train_set, sampler, train_loader, val_loader, to_model_input)
 
 
-def measure_threads(t: Training, data: Data, rt: Runtime, workers: int, batches: int = 3) -> tuple[int, str]:
-    """A new CPU run's compute threads, from the seconds per batch of its own loader and of its own step on a
-    copy of the model (the real model, optimizer and RNG are untouched). Returns the count and the reason."""
+def measure_threads(t: Training, data: Data, rt: Runtime, workers: int, steps: int = 4) -> tuple[int, str]:
+    """A new CPU run's compute threads: its own step, on a copy of the model, fed by its own loader, timed with
+    compute on the cores the workers leave and on every core. The real model, optimizer and RNG are untouched.
+    Returns the count and the measurement behind it (0 where there is nothing to choose)."""
     cores = cores_per_process(rt)
-    if rt.device.type != "cpu" or cores - workers < 1 or "OMP_NUM_THREADS" in os.environ:
+    few = max(1, cores - workers)
+    if (rt.device.type != "cpu" or few == cores or "OMP_NUM_THREADS" in os.environ
+            or data.sampler.steps_per_epoch() < 2 * steps + 3):
         return 0, ""
     rng = torch.get_rng_state()  # a loader iterator draws its workers' base seed from it
-    loader = iter(data.train_loader)
-    next(loader)  # the workers' start-up is not their rate
-    start = time.perf_counter()
-    for _ in range(batches):
-        images, labels, _ = next(loader)
-    loader_seconds = (time.perf_counter() - start) / batches
-    del loader
     model = copy.deepcopy(t.raw_model)
-    x = data.to_model_input(images)
-    torch.set_num_threads(cores - workers)
-    model(x).sum().backward()  # warm-up: the first step allocates
-    start = time.perf_counter()
-    for _ in range(batches):
-        t.criterion(model(x), labels).backward()
-    compute_seconds = (time.perf_counter() - start) / batches
+    batches = iter(data.train_loader)
+
+    def seconds_per_step(threads: int) -> float:
+        torch.set_num_threads(threads)
+        for i in range(steps + 1):  # the first, at a new thread count, is a warm-up
+            if i == 1:
+                start = time.perf_counter()
+            images, labels, _ = next(batches)
+            t.criterion(model(data.to_model_input(images)), labels).backward()
+        return (time.perf_counter() - start) / steps
+
+    next(batches)  # the workers' start-up is no step's
+    on_few, on_every = seconds_per_step(few), seconds_per_step(cores)
     torch.set_rng_state(rng)
-    threads = threads_for(loader_seconds, compute_seconds, cores, workers)
-    return threads, (f"the loader takes {loader_seconds:.3f} s a batch with {workers} workers, the step "
-                     f"{compute_seconds:.3f} s on {cores - workers} threads")
+    return threads_for(on_few, on_every, cores, workers), (f"a step took {on_few:.3f} s on {few} and {on_every:.3f} "
+                                                           f"s on {cores} threads beside {workers} workers")

@@ -173,6 +173,34 @@ def move_run_aside(output_dir: Path) -> None:
         log(f"--no-resume: moved the previous run's files to {archive}")
 
 
+def write_epoch_outputs(out: Path, row: dict, history: list[dict]) -> None:
+    try:
+        append_metrics(out / "metrics.csv", [row])
+        plot_history(history, out / "training_curves.png")
+    except OSError as err:
+        raise UsageError(f"Could not write metrics.csv or the plot in {out}: {err}. Epoch {row['epoch']} is in "
+                         f"the checkpoint; free some space or fix the folder, then rerun the same command: it "
+                         f"writes the missing row and continues.") from err
+
+
+def epoch_summary(row: dict, cfg, seconds_spent: float, device_type: str, workers: int) -> str:
+    """The line each epoch ends with: scores, speed, the data wait (with advice), time and money."""
+    to_go = (cfg.epochs - row["epoch"]) * (row["epoch_seconds"] + row["val_seconds"])
+    cost = f"{format_duration(seconds_spent)} so far, about {format_duration(to_go)} to go"
+    if cfg.usd_per_hour:
+        cost += (f", ${cfg.usd_per_hour * seconds_spent / 3600:,.2f} spent, about "
+                 f"${cfg.usd_per_hour * (seconds_spent + to_go) / 3600:,.2f} for the run (projected)")
+    return (f"epoch {row['epoch']}/{cfg.epochs}: train loss {row['train_loss']:.4f} top-1 {row['train_acc1']:.2f}% | "
+            f"val loss {row['val_loss']:.4f} top-1 {row['val_acc1']:.2f}% top-5 {row['val_acc5']:.2f}% on "
+            f"{row['val_images']:,} images"
+            + (f" (weight average: top-1 {row['ema_val_acc1']:.2f}%)" if "ema_val_acc1" in row else "")
+            + f" | {row['epoch_seconds']:.0f} s, {row['images_per_second']:.0f} img/s, waiting for data "
+            f"{row['data_wait_pct']:.0f}% of the time"
+            + data_wait_advice(row["data_wait_pct"] / 100, cfg.decode, cfg.gpu_decode_share, device_type, workers)
+            + f" | {cost}"
+            + (f" | {row['skipped_images']} unreadable images skipped" if row["skipped_images"] else ""))
+
+
 def format_duration(seconds: float) -> str:
     if seconds >= 5400:
         return f"{seconds / 3600:.1f} h"

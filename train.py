@@ -26,39 +26,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from checkpoint import (
-    CheckpointError,
-    load_latest_checkpoint,
-    remove_stale_temporaries,
-    save_checkpoint,
-)
+import engine
+import outputs
+from checkpoint import CheckpointError, load_latest_checkpoint, remove_stale_temporaries, save_checkpoint
 from config import EXIT_BAD_INPUT, EXIT_NON_FINITE, Config, UsageError, parse_args, resumed_config
 from data import DataVanishedError, make_demo_dataset
 from dataset_paths import DEMO_DATA_DIR, DatasetLayoutError, check_layout
-from engine import (
-    Data,
-    LoaderWait,
-    Training,
-    accuracy_counts,
-    build_data,
-    build_model,
-    build_training,
-    evaluate_models,
-    measure_threads,
-    split_cores,
-    train_step,
-)
-from outputs import (
-    TrainingBoard,
-    append_metrics,
-    data_wait_advice,
-    format_duration,
-    lock_output_dir,
-    move_run_aside,
-    open_board,
-    plot_history,
-    where_the_run_lives,
-)
 from recipes import WeightAverage, learning_rate, parameter_groups, peak_lr
 from runtime import Runtime, all_reduce, launch_one_process_per_gpu, log, resolve_device, setup_distributed
 
@@ -103,8 +76,8 @@ class Run:
     cfg: Config
     classes: list[str]
     rt: Runtime
-    training: Training
-    data: Data
+    training: engine.Training
+    data: engine.Data
     stop: StopRequest
     epoch: int = 0
     samples_done: int = 0  # images of this epoch consumed, counted over all ranks
@@ -113,7 +86,7 @@ class Run:
     # skipped images) and the training seconds it took so far.
     carried: torch.Tensor = field(default_factory=lambda: torch.zeros(5, dtype=torch.float64))
     carried_seconds: float = 0.0
-    board: TrainingBoard | None = None  # live curves, written by rank 0
+    board: outputs.TrainingBoard | None = None  # live curves, written by rank 0
 
     @property
     def out(self) -> Path:
@@ -257,7 +230,7 @@ def train_epoch(run: Run) -> EpochResult:
                disable=not run.rt.master)
     started = last_sync = time.perf_counter()
     last_save, synced_steps = time.monotonic(), 0
-    waiting = LoaderWait(data.train_loader)
+    waiting = engine.LoaderWait(data.train_loader)
     epoch_sums = last_sums = run.carried
     for i, (batch, labels, skipped) in enumerate(waiting):
         x = data.to_model_input(batch)  # first: decoding on the device may replace images, labels and skipped
@@ -265,8 +238,8 @@ def train_epoch(run: Run) -> EpochResult:
         for line in skipped:
             log(f"Skipped an unreadable training image: {line}")
         lr = run.lr_at(run.global_step())
-        loss, logits = train_step(run.training, x, labels, lr, run.global_step())
-        top1, top5 = accuracy_counts(logits, labels)
+        loss, logits = engine.train_step(run.training, x, labels, lr, run.global_step())
+        top1, top5 = engine.accuracy_counts(logits, labels)
         sums += torch.stack([loss.double() * len(labels), top1.double(), top5.double()])
         images, skipped_images = images + len(labels), skipped_images + len(skipped)
         run.samples_done += data.sampler.global_batch
@@ -321,25 +294,11 @@ def validate(run: Run) -> dict:
     if run.rt.world_size > 1:  # BN statistics drift apart per rank; evaluate and save rank 0's everywhere
         for buffer in (b for m in models for b in m.buffers()):
             dist.broadcast(buffer, 0)
-    metrics, *ema = evaluate_models(models, run.data.val_loader, run.data.to_model_input, t.amp_dtype,
+    metrics, *ema = engine.evaluate_models(models, run.data.val_loader, run.data.to_model_input, t.amp_dtype,
                                     run.cfg.eval_flip)
     for averaged in ema:
         metrics.update({f"ema_{k}": averaged[k] for k in ("val_loss", "val_acc1", "val_acc5")})
     return metrics
-
-
-def check_ranks_agree(run: Run) -> None:
-    """DDP keeps replicas identical by construction; verify it once per epoch, it costs one all-gather."""
-    if run.rt.world_size == 1:
-        return
-    fingerprint = torch.stack([t.detach().double().sum() for t in run.training.raw_model.state_dict().values()
-                               if t.is_floating_point()]).sum()
-    gathered = [torch.zeros_like(fingerprint) for _ in range(run.rt.world_size)]
-    dist.all_gather(gathered, fingerprint)
-    if any(g != gathered[0] for g in gathered):
-        raise RuntimeError(f"Model replicas differ across ranks after epoch {run.epoch + 1}: "
-                           f"{[g.item() for g in gathered]}")
-    log(f"Weights identical on all {run.rt.world_size} ranks (fingerprint {fingerprint.item():.12g}).")
 
 
 def epoch_row(run: Run, epoch: EpochResult, val: dict, val_seconds: float) -> dict:
@@ -351,36 +310,6 @@ def epoch_row(run: Run, epoch: EpochResult, val: dict, val_seconds: float) -> di
             "skipped_images": int(skipped), "image_size": run.data.train_set.image_size_at(run.epoch),
             "val_seconds": val_seconds, "data_wait_pct": 100 * epoch.data_wait,
             "first_batch_seconds": epoch.first_batch_seconds}
-
-
-def epoch_summary(run: Run, row: dict) -> str:
-    cfg = run.cfg
-    spent = run.seconds_spent()
-    to_go = (cfg.epochs - run.epoch) * (row["epoch_seconds"] + row["val_seconds"])
-    cost = f"{format_duration(spent)} so far, about {format_duration(to_go)} to go"
-    if cfg.usd_per_hour:
-        cost += (f", ${cfg.usd_per_hour * spent / 3600:,.2f} spent, about "
-                 f"${cfg.usd_per_hour * (spent + to_go) / 3600:,.2f} for the run (projected)")
-    return (f"epoch {row['epoch']}/{cfg.epochs}: train loss {row['train_loss']:.4f} top-1 {row['train_acc1']:.2f}% | "
-            f"val loss {row['val_loss']:.4f} top-1 {row['val_acc1']:.2f}% top-5 {row['val_acc5']:.2f}% on "
-            f"{row['val_images']:,} images"
-            + (f" (weight average: top-1 {row['ema_val_acc1']:.2f}%)" if run.training.ema else "")
-            + f" | {row['epoch_seconds']:.0f} s, {row['images_per_second']:.0f} img/s, waiting for data "
-            f"{row['data_wait_pct']:.0f}% of the time"
-            + data_wait_advice(row["data_wait_pct"] / 100, cfg.decode, cfg.gpu_decode_share, run.rt.device.type,
-                               run.data.train_loader.num_workers)
-            + f" | {cost}"
-            + (f" | {row['skipped_images']} unreadable images skipped" if row["skipped_images"] else ""))
-
-
-def write_outputs(run: Run, row: dict) -> None:
-    try:
-        append_metrics(run.out / "metrics.csv", [row])
-        plot_history(run.history, run.out / "training_curves.png")
-    except OSError as err:
-        raise UsageError(f"Could not write metrics.csv or the plot in {run.out}: {err}. Epoch {row['epoch']} is in "
-                         f"the checkpoint; free some space or fix the folder, then rerun the same command: it "
-                         f"writes the missing row and continues.") from err
 
 
 def fit(run: Run) -> int:
@@ -398,18 +327,18 @@ def fit(run: Run) -> int:
         val_started = time.perf_counter()
         val = validate(run)
         val_seconds = time.perf_counter() - val_started
-        check_ranks_agree(run)
+        engine.check_replicas_agree(run.training.raw_model, run.rt, run.epoch)
         row = epoch_row(run, epoch, val, val_seconds)
         run.history.append(row)
         run.epoch, run.samples_done = run.epoch + 1, 0
         run.carried, run.carried_seconds = torch.zeros(5, dtype=torch.float64), 0.0
         save(run, run.carried, 0.0)
         if run.rt.master:
-            write_outputs(run, row)
+            outputs.write_epoch_outputs(run.out, row, run.history)
         if run.board:
             run.board.scalars(run.images_seen(), {f"val/{k.replace('val_', '')}": v for k, v in row.items()
                                                   if k.startswith(("val_", "ema_val_")) and k != "val_seconds"})
-        log(epoch_summary(run, row))
+        log(outputs.epoch_summary(row, cfg, run.seconds_spent(), run.rt.device.type, run.data.train_loader.num_workers))
         stop_votes = all_reduce(torch.tensor([float(run.stop.signal_name is not None)], device=run.rt.device))
         if stop_votes.item() > 0 and run.epoch < cfg.epochs:
             log(f"Stopped by a signal after epoch {run.epoch}; rerun the same command to continue.")
@@ -437,10 +366,10 @@ def read_run(cfg: Config, rt: Runtime):
     out, state, error, lock = Path(cfg.output_dir), None, None, None
     if rt.master:
         try:
-            lock = lock_output_dir(out)
+            lock = outputs.lock_output_dir(out)
             remove_stale_temporaries(out)
             if cfg.no_resume:
-                move_run_aside(out)
+                outputs.move_run_aside(out)
             else:
                 state = load_latest_checkpoint(out, log)
         except (CheckpointError, UsageError, OSError) as err:
@@ -456,28 +385,28 @@ def read_run(cfg: Config, rt: Runtime):
 
 def run_training(cfg: Config, classes: list[str], explicit: set[str], rt: Runtime) -> int:
     state, _lock = read_run(cfg, rt)
-    log(where_the_run_lives(Path(cfg.output_dir).resolve()))
+    log(outputs.where_the_run_lives(Path(cfg.output_dir).resolve()))
     if state is not None:
         cfg = resumed_config(cfg, state["config"], explicit)
-    workers = split_cores(cfg.workers, rt, cfg.threads)
-    run = Run(cfg, classes, rt, build_training(build_model(cfg, len(classes)), cfg, rt),
-              build_data(cfg, classes, rt, workers), StopRequest())
+    workers = engine.split_cores(cfg.workers, rt, cfg.threads)
+    run = Run(cfg, classes, rt, engine.build_training(engine.build_model(cfg, len(classes)), cfg, rt),
+              engine.build_data(cfg, classes, rt, workers), StopRequest())
     if not cfg.threads:
-        threads, reason = measure_threads(run.training, run.data, rt, workers)
+        threads, reason = engine.measure_threads(run.training, run.data, rt, workers)
         if threads:
             cfg.threads = threads
-            split_cores(cfg.workers, rt, threads)
+            engine.split_cores(cfg.workers, rt, threads)
             log(f"Compute threads: {threads} ({reason}); kept for this run, --threads N overrides.")
     if state is not None:
         resume(run, state)
         if rt.master:
-            append_metrics(run.out / "metrics.csv", run.history)  # rows a kill kept out of the file
+            outputs.append_metrics(run.out / "metrics.csv", run.history)  # rows a kill kept out of the file
         if run.epoch >= cfg.epochs:
             last = run.history[-1]["val_acc1"] if run.history else float("nan")
             log(f"This run is already finished ({run.epoch} of {cfg.epochs} epochs, val top-1 {last:.2f}%). "
                 f"Outputs are in {run.out}. Pass a larger --epochs to train on, or --no-resume to start over.")
             return 0
-    run.board = open_board(cfg.tensorboard and rt.master, run.out, run.images_seen())
+    run.board = outputs.open_board(cfg.tensorboard and rt.master, run.out, run.images_seen())
     try:
         return fit(run)
     finally:
@@ -492,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         classes = prepare(cfg)
         device_type = resolve_device(cfg.device)
         if device_type == "cuda" and "RANK" not in os.environ and torch.cuda.device_count() > 1:
-            lock_output_dir(Path(cfg.output_dir)).close()  # refuse a busy folder before starting N processes
+            outputs.lock_output_dir(Path(cfg.output_dir)).close()  # refuse a busy folder before starting N processes
             return launch_one_process_per_gpu(__file__, argv)
         return run_training(cfg, classes, explicit, setup_distributed(device_type))
     except (DatasetLayoutError, UsageError, CheckpointError) as err:

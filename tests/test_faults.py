@@ -319,12 +319,13 @@ def test_weights_made_non_finite_by_an_update_are_never_saved(digits_dir, tmp_pa
                              "--checkpoint-minutes", "0.00001")]
     poisoned = f"""
 import sys, engine, train
+train_step = engine.train_step
 def step(t, x, labels, lr, global_step):
-    result = engine.train_step(t, x, labels, lr, global_step)
+    result = train_step(t, x, labels, lr, global_step)
     if global_step == 9:
         next(t.raw_model.parameters()).data.view(-1)[0] = float("nan")
     return result
-train.train_step = step
+engine.train_step = step
 sys.exit(train.main({args!r}))
 """
     result = subprocess.run([sys.executable, "-c", poisoned], cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -268,11 +268,11 @@ sys.exit(code)
 def test_compute_threads_follow_what_limits_the_run():
     from engine import threads_for
 
-    # ResNet-50 at 32 px with 2 workers on 2 cores: the step dwarfs the loader, so compute takes both cores.
-    assert threads_for(loader_seconds=0.2, compute_seconds=3.0, cores=2, workers=2) == 2
-    # The demo: the loader is as slow as the step, so compute keeps off the worker's core.
-    assert threads_for(loader_seconds=0.05, compute_seconds=0.06, cores=2, workers=1) == 1
-    assert threads_for(loader_seconds=0.05, compute_seconds=0.06, cores=16, workers=4) == 12
+    # ResNet-50 at 32 px with 2 workers on 2 cores: both cores compute faster, workers and all.
+    assert threads_for(3.0, 1.9, cores=2, workers=2) == 2
+    # The demo: a second thread that shares the worker's core spins and loses.
+    assert threads_for(0.04, 0.4, cores=2, workers=1) == 1
+    assert threads_for(1.0, 0.9, cores=16, workers=4) == 12  # too small a gain to give up the workers' cores
 
 
 def test_a_new_run_measures_its_compute_threads_and_a_resume_keeps_them(digits_dir, tmp_path):
@@ -282,7 +282,7 @@ def test_a_new_run_measures_its_compute_threads_and_a_resume_keeps_them(digits_d
     first = run_train(*args, "--epochs", 1)
     assert first.returncode == 0, first.stderr
     threads = torch.load(out / LATEST, map_location="cpu", weights_only=True)["config"]["threads"]
-    assert f"Compute threads: {threads} (the loader takes " in first.stdout and threads in (1, 2)
+    assert f"Compute threads: {threads} (a step took " in first.stdout and threads in (1, 2)
     again = run_train(*args, "--epochs", 2)
     assert again.returncode == 0, again.stderr
     assert "Compute threads" not in again.stdout
