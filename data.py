@@ -38,6 +38,12 @@ MAX_CONSECUTIVE_BAD = 16
 # CMYK and YCCK files go to PIL, which inverts Adobe's CMYK where libjpeg-turbo does not.
 TURBO_COLORSPACES = ("YCbCr", "Gray", "RGB")
 
+# Standard deviation, per unit of sqrt(shrink ** 2 - 1), of the Gaussian blur before a linear downscale, in source
+# pixels. Variances add: PIL's BILINEAR filter shrinking s times has a variance of s ** 2 / 6 and linear
+# interpolation one of 1/6 on average, so 1 / sqrt(6) = 0.41 would match them; 0.45 came out closest to PIL's
+# pixels on make-data crops (0.40 to 0.60 measured: too little blur aliases, too much softens).
+ANTIALIAS_SIGMA = 0.45
+
 # A loader already runs one worker process per core. OpenCV's default of a thread per core inside each of them
 # would put cores x workers threads on the cores and slow every worker down; 0 also keeps OpenCV from starting
 # a thread pool in the parent that forked workers would inherit without its threads.
@@ -122,22 +128,33 @@ def decode_region_pil(path: bytes, box_fn, image_size: int) -> Image.Image:
 
 
 def resize_region(image: np.ndarray, box: tuple[float, float, float, float], image_size: int) -> np.ndarray:
-    """The (left, top, width, height) box of an HWC image resized to image_size x image_size, antialiased
-    like PIL's BILINEAR: an area average along an axis that shrinks, linear interpolation along one that grows.
-    OpenCV's INTER_AREA is only an area average when both axes shrink, so a crop that shrinks along one axis
-    and grows along the other is resized one axis at a time."""
+    """The (left, top, width, height) box of an HWC uint8 image resized to image_size x image_size with the
+    geometry of PIL's resize(box=...): a Gaussian blur along each axis that shrinks (ANTIALIAS_SIGMA), then
+    linear interpolation. OpenCV's INTER_AREA would antialias too but took twice as long and came out
+    further from PIL's pixels (measured on make-data crops)."""
     left, top, width, height = box
-    # An area average works on whole pixels. Training boxes are whole; the val box is not, and rounding its
-    # edges moves them by at most half a source pixel.
-    region = image[round(top):round(top + height), round(left):round(left + width)]
-    h, w = region.shape[:2]
-    if w > image_size and h > image_size:
-        return cv2.resize(region, (image_size, image_size), interpolation=cv2.INTER_AREA)
-    if w > image_size:
-        region = cv2.resize(region, (image_size, h), interpolation=cv2.INTER_AREA)
-    elif h > image_size:
-        region = cv2.resize(region, (w, image_size), interpolation=cv2.INTER_AREA)
-    return cv2.resize(region, (image_size, image_size), interpolation=cv2.INTER_LINEAR)
+    sigma_x, sigma_y = (ANTIALIAS_SIGMA * math.sqrt(max((n / image_size) ** 2 - 1, 0)) for n in (width, height))
+    if all(float(v).is_integer() for v in box):  # every training box: cv2.resize maps whole pixels exactly
+        region = image[int(top):int(top + height), int(left):int(left + width)]
+        return cv2.resize(blur(region, sigma_x, sigma_y), (image_size, image_size), interpolation=cv2.INTER_LINEAR)
+    # The val box has fractional edges; rounding them moved each by up to half a pixel and doubled the
+    # difference to PIL. warpAffine places them exactly, reading one more pixel on each side for the interpolation.
+    x0, y0 = max(math.floor(left) - 1, 0), max(math.floor(top) - 1, 0)
+    x1 = min(math.ceil(left + width) + 1, image.shape[1])
+    y1 = min(math.ceil(top + height) + 1, image.shape[0])
+    scale_x, scale_y = width / image_size, height / image_size
+    # Output pixel centre x + 0.5 sits at left + (x + 0.5) * scale_x, in coordinates where pixel j spans [j, j+1).
+    to_source = np.array([[scale_x, 0, left - x0 + 0.5 * scale_x - 0.5], [0, scale_y, top - y0 + 0.5 * scale_y - 0.5]])
+    return cv2.warpAffine(blur(image[y0:y1, x0:x1], sigma_x, sigma_y), to_source, (image_size, image_size),
+                          flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
+
+
+def blur(image: np.ndarray, sigma_x: float, sigma_y: float) -> np.ndarray:
+    if not (sigma_x or sigma_y):
+        return image
+    # A window of +-2 sigma: a wider one changed no measured difference and costs time. Size 1 leaves an axis as is.
+    kx, ky = (2 * math.ceil(2 * sigma) + 1 if sigma else 1 for sigma in (sigma_x, sigma_y))
+    return cv2.GaussianBlur(image, (kx, ky), sigmaX=sigma_x, sigmaY=sigma_y)
 
 
 def decode_crop(path: bytes, box_fn, image_size: int) -> np.ndarray:
@@ -145,9 +162,11 @@ def decode_crop(path: bytes, box_fn, image_size: int) -> np.ndarray:
     writable HWC uint8 RGB array.
 
     JPEGs that libjpeg-turbo can turn into RGB are decoded by it through simplejpeg (the same pixels as PIL's
-    decode, in about two thirds of the time) and resized by OpenCV (resize_region), about 1 grey level from
-    PIL's resize on average. Every other file, one libjpeg-turbo finds damaged, and one larger than PIL accepts,
-    goes to decode_region_pil, so odd and broken files decode, or fail with the same errors, exactly as with
+    decode, a little faster) and resized by OpenCV (resize_region), less than 1 grey level from PIL's resize
+    on average. The whole image is decoded: libjpeg-turbo's half-size decode followed by resize_region came out
+    3 grey levels from PIL on the crops it could serve (twice the output size or more), against 0.5 after a
+    full decode. Every other file, one libjpeg-turbo finds damaged, and one larger than PIL accepts, goes to
+    decode_region_pil, so odd and broken files decode, or fail with the same errors, exactly as with
     PIL alone. box_fn is called at most once either way: a sample's random draws do not depend on the path.
     """
     with open(os.fsdecode(path), "rb") as file:  # the path as PIL spells it, so a missing file reads the same
