@@ -12,7 +12,6 @@ Workers decode to uint8 HWC arrays; the float conversion and normalization happe
 (see `Normalizer`), which keeps host-to-device copies 4x smaller and CPU workers doing only what needs a CPU.
 """
 
-import functools
 import math
 import os
 import shutil
@@ -167,11 +166,11 @@ def decode_crop(path: bytes, box_fn, image_size: int) -> np.ndarray:
     3 grey levels from PIL on the crops it could serve (twice the output size or more), against 0.5 after a
     full decode. Every other file, one libjpeg-turbo finds damaged, and one larger than PIL accepts, goes to
     decode_region_pil, so odd and broken files decode, or fail with the same errors, exactly as with
-    PIL alone. box_fn is called at most once either way: a sample's random draws do not depend on the path.
+    PIL alone. box_fn is called once, after the decode has settled which path serves the file, so a
+    sample's random draws do not depend on the path.
     """
     with open(os.fsdecode(path), "rb") as file:  # the path as PIL spells it, so a missing file reads the same
         data = file.read()
-    box_fn = functools.cache(box_fn)
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
         turbo = colorspace in TURBO_COLORSPACES and (Image.MAX_IMAGE_PIXELS is None
