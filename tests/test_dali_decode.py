@@ -1,19 +1,27 @@
 """The DALI input path, run on DALI's CPU operators (the same pipeline as on a GPU, "cpu" decoder instead of
 "mixed"): the CPU path's windows and flips, pixels within a measured tolerance of it, odd and broken files
-handled and counted the same way. Skipped where nvidia-dali is not installed (requirements-dali.txt;
-requirements-dev.txt has it)."""
+handled and counted the same way, and train.py on it learning and resuming bit for bit. Only the choice that
+--decode auto makes runs without nvidia-dali installed (requirements-dali.txt; requirements-dev.txt has it)."""
 
+import csv
 import dataclasses
+import shutil
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import test_gpu_decode
 import torch
+from conftest import REPO, add_odd_images
 from PIL import Image
 from test_gpu_decode import CPU, SIZE, both_paths, datasets, jpeg_bytes, names, per_image_error
 
+import engine
+from config import UsageError, parse_config
 from dali_decode import DaliBatchDecoder, dali_missing, slice_and_roi
-from data import Normalizer
+from data import ImageFolderDataset, Normalizer, collate
 from gpu_decode import collate_encoded
 
 needs_dali = pytest.mark.skipif(dali_missing() is not None,
@@ -138,3 +146,89 @@ def test_output_is_normalized_float_channels_last_at_the_epochs_size(odd_dir):
         assert images.shape == (len(encoded_set), 3, size, size) and images.dtype == torch.float32
         assert images.device == CPU and images.is_contiguous(memory_format=torch.channels_last)
         assert -2.2 < images.min() and images.max() < 2.7  # (0 - mean) / std ... (1 - mean) / std
+
+
+def forced_dali_decode(*args) -> list[str]:
+    """train.py with the DALI route taking effect on the CPU device, as --decode auto takes it on a GPU."""
+    args = [str(a) for a in args]
+    return [sys.executable, "-c", f"""
+import sys, dali_decode, engine, train
+engine.decode_route = lambda requested, device: ("dali", "JPEGs are decoded with DALI (forced on the CPU).")
+files, run = [0], dali_decode.DaliBatchDecoder.run
+def counting_run(self, batch_files, *args):
+    files[0] += len(batch_files)
+    return run(self, batch_files, *args)
+dali_decode.DaliBatchDecoder.run = counting_run
+code = train.main({args!r})
+print(f"files decoded by DALI: {{files[0]}}")
+sys.exit(code)
+"""]
+
+
+@needs_dali
+def test_train_py_on_dali_decoded_batches_counts_like_the_cpu_path_learns_and_resumes_exactly(digits_dir, tmp_path):
+    """train.py's loop on the DALI route (forced on, on the CPU): broken files are skipped and counted exactly as
+    the CPU path counts them (tests/test_faults.py), it learns, and a run stopped by SIGTERM and rerun ends
+    bit-identical to an uninterrupted one (tests/test_resume.py's flags)."""
+    from test_faults import expected_train_skips
+    from test_resume import ARGS, assert_same_run, wait_for_new_checkpoint
+
+    data = tmp_path / "data"
+    shutil.copytree(digits_dir, data)
+    for path in data.glob("*/*/*.jpg"):  # the digits are grayscale JPEGs, which the workers would decode
+        with Image.open(path) as img:
+            img.convert("RGB").save(path, quality=95)
+    names = add_odd_images(data / "train" / "digit_3")
+    add_odd_images(data / "val" / "digit_7")
+    reference = tmp_path / "uninterrupted"
+    done = subprocess.run(forced_dali_decode("--data-dir", data, "--output-dir", reference, *ARGS),
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "JPEGs are decoded with DALI (forced on the CPU)." in done.stdout
+    # 2 epochs of 1,440 training and 363 val images: all but the 6 odd files of each split go to DALI.
+    assert int(done.stdout.rsplit("files decoded by DALI: ", 1)[1]) == 2 * (1440 + 363 - 6)
+
+    train_names = sorted(p.name for p in (data / "train" / "digit_3").iterdir())
+    first = sum(len(list((data / "train" / f"digit_{c}").iterdir())) for c in range(3))
+    broken = {first + train_names.index(n) for n in names}
+    with open(reference / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["val_images"]) for r in rows] == [363, 363]
+    assert [int(r["skipped_images"]) for r in rows] == [expected_train_skips(1443, broken, e) + 3 for e in (0, 1)]
+    assert float(rows[-1]["val_acc1"]) > 30  # 10 classes: chance is 10%
+
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen(forced_dali_decode("--data-dir", data, "--output-dir", out, *ARGS), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_new_checkpoint(out, proc, None)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Stopped by SIGTERM" in stdout, stderr
+    again = subprocess.run(forced_dali_decode("--data-dir", data, "--output-dir", out, *ARGS),
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "Resuming" in again.stdout, again.stderr
+    assert_same_run(out, reference)
+
+
+def test_decode_auto_takes_dali_on_a_gpu_with_dali_installed_and_the_workers_otherwise(monkeypatch, capsys):
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert parse_config([]).decode == "auto" and parse_config(["--decode", "dali"]).decode == "dali"
+    monkeypatch.setattr(engine, "dali_missing", lambda: None)
+    assert engine.decode_route("auto", gpu)[0] == "dali" and engine.decode_route("dali", gpu)[0] == "dali"
+    assert engine.decode_route("gpu", gpu)[0] == "gpu" and engine.decode_route("cpu", gpu)[0] == "cpu"
+    for requested in ("auto", "dali", "gpu"):  # nothing to decode on: the workers, whatever is installed
+        route, why = engine.decode_route(requested, cpu)
+        assert route == "cpu" and why.startswith(f"--decode {requested}: there is no GPU, so the loader workers")
+
+    monkeypatch.setattr(engine, "dali_missing", lambda: "ModuleNotFoundError: No module named 'nvidia'")
+    route, why = engine.decode_route("auto", gpu)
+    assert route == "cpu" and "DALI is not installed" in why and "requirements-dali.txt" in why
+    with pytest.raises(UsageError, match=r"--decode dali needs NVIDIA DALI.*No module named 'nvidia'.*"
+                                         r"pip install -r requirements-dali.txt"):
+        engine.decode_route("dali", gpu)
+    assert engine.decode_route("gpu", gpu)[0] == "gpu"
+
+    capsys.readouterr()
+    dataset, collate_fn, pin, prepare = engine.input_pipeline("auto", cpu, 1.0)
+    assert (dataset, collate_fn, pin, type(prepare)) == (ImageFolderDataset, collate, False, Normalizer)
+    assert capsys.readouterr().out == "--decode auto: there is no GPU, so the loader workers decode the JPEGs.\n"
