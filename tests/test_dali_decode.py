@@ -23,6 +23,7 @@ from config import UsageError, parse_config
 from dali_decode import DaliBatchDecoder, dali_missing, slice_and_roi
 from data import ImageFolderDataset, Normalizer, collate
 from gpu_decode import collate_encoded
+from outputs import data_wait_advice
 
 needs_dali = pytest.mark.skipif(dali_missing() is not None,
                                 reason=f"nvidia-dali is not installed ({dali_missing()}); "
@@ -227,6 +228,11 @@ def test_decode_auto_takes_dali_on_a_gpu_with_dali_installed_and_the_workers_oth
                                          r"pip install -r requirements-dali.txt"):
         engine.decode_route("dali", gpu)
     assert engine.decode_route("gpu", gpu)[0] == "gpu"
+    # The epoch summary's advice follows the route taken: here the workers decode, so a GPU route is the advice.
+    assert "try --decode gpu or dali" in data_wait_advice(0.3, "auto", 1.0, "cuda", 15)
+    monkeypatch.setattr(engine, "dali_missing", lambda: None)
+    assert "more --workers than 15" in data_wait_advice(0.3, "auto", 1.0, "cuda", 15)
+    assert "raise --gpu-decode-share above 0.5" in data_wait_advice(0.3, "auto", 0.5, "cuda", 15)
 
     capsys.readouterr()
     dataset, collate_fn, pin, prepare = engine.input_pipeline("auto", cpu, 1.0)
