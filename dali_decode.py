@@ -81,8 +81,9 @@ class DaliBatchDecoder(DeviceBatchDecoder):
         if missing:
             raise RuntimeError(f"NVIDIA DALI cannot be used ({missing}); pip install -r requirements-dali.txt")
         self.pipeline, self.max_batch = None, 0
-        # The batch copied out of DALI's buffers last time, on the device's stream: DALI may reuse those
-        # buffers once it runs again, so it waits for that copy first. CUDA only.
+        # The copy of the last batch out of DALI's buffers, queued on the training stream behind the steps
+        # already queued there: DALI may reuse or free those buffers once it runs again or is rebuilt, so
+        # that waits for the copy. CUDA only.
         self.copied: torch.cuda.Event | None = None
 
     def __call__(self, batch: EncodedBatch) -> torch.Tensor:
@@ -141,11 +142,11 @@ class DaliBatchDecoder(DeviceBatchDecoder):
     def run(self, files: list[np.ndarray], boxes: list, flips: list[bool], size: int) -> torch.Tensor:
         """Normalized float NHWC crops on the device. Raises RuntimeError (and drops the pipeline, which DALI
         leaves unusable) when a file does not decode."""
+        if self.copied is not None:  # first: a rebuild below frees the old pipeline's buffers
+            self.copied.synchronize()
         if self.pipeline is None or len(files) > self.max_batch:
             self.max_batch = max(len(files), self.max_batch)
             self.pipeline = self.build(self.max_batch)
-        if self.copied is not None:
-            self.copied.synchronize()
         windows = [slice_and_roi(box) for box in boxes]
         feed = {"files": files,
                 "anchors": [np.array(w[0], dtype=np.int32) for w in windows],
