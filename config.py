@@ -67,11 +67,14 @@ class Config:
                               "cores when the step takes over twice as long as the loader per batch, else the "
                               "cores the workers leave) and kept for the run, so a resume computes bit for bit "
                               "alike")
-    decode: str = setting("cpu", "where JPEGs are decoded: cpu = in the loader workers; gpu = workers only read the "
-                                 "files, batches are decoded, cropped and resized on the GPU (falls back to cpu "
-                                 "without one)", choices=["cpu", "gpu"])
-    gpu_decode_share: float = setting(1.0, "with --decode gpu: the fraction of the JPEGs decoded on the GPU, the "
-                                           "rest by the workers; lower it when training waits for the GPU "
+    decode: str = setting("auto", "where JPEGs are decoded: cpu = in the loader workers; gpu = workers only read the "
+                                  "files, batches are decoded, cropped and resized on the GPU (nvJPEG on the CUDA "
+                                  "cores); dali = the same with NVIDIA DALI, on the GPU's hardware JPEG decoder where "
+                                  "it has one (pip install -r requirements-dali.txt); auto = dali on a GPU with DALI "
+                                  "installed, else cpu. gpu and dali fall back to cpu without a GPU",
+                          choices=["auto", "cpu", "gpu", "dali"])
+    gpu_decode_share: float = setting(1.0, "with --decode gpu or dali: the fraction of the JPEGs decoded on the GPU, "
+                                           "the rest by the workers; lower it when training waits for the GPU "
                                            "decoder, raise it when it waits for the workers (benchmark.py train "
                                            "--decode gpu --gpu-decode-share 0,0.25,0.5,1 finds the best)")
     device: str = setting("auto", "cuda if available, else cpu", choices=["auto", "cuda", "cpu"])

@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from config import Config, UsageError
+from dali_decode import DaliBatchDecoder, dali_missing
 from data import ImageFolderDataset, Normalizer, TrainBatchSampler, ValBatchSampler, collate, make_loader, usable_cores
 from gpu_decode import DeviceBatchDecoder, EncodedImageFolderDataset, collate_encoded
 from model import ARCHITECTURES
@@ -192,16 +193,41 @@ def decode_on_device(requested: str, device: torch.device) -> bool:
     return requested == "gpu" and device.type == "cuda"
 
 
+def decode_route(requested: str, device: torch.device) -> tuple[str, str]:
+    """What --decode means on this device: the route that decodes the JPEGs (cpu: the loader workers; gpu:
+    nvJPEG on the CUDA cores; dali: NVIDIA DALI, on the GPU's hardware JPEG engines where it has them), and a
+    line saying which and why."""
+    if requested == "cpu":
+        return "cpu", "JPEGs are decoded by the loader workers (--decode cpu)."
+    if requested == "gpu":
+        if decode_on_device(requested, device):
+            return "gpu", "JPEGs are decoded on the GPU by nvJPEG (--decode gpu)."
+        return "cpu", "--decode gpu: there is no GPU, so the loader workers decode the JPEGs (--decode cpu)."
+    if device.type != "cuda":
+        # DALI would run on the CPU too, but in this process, in turn with the training step, while the
+        # workers idle.
+        return "cpu", f"--decode {requested}: there is no GPU, so the loader workers decode the JPEGs."
+    missing = dali_missing()
+    if missing is None:
+        return "dali", (f"--decode {requested}: NVIDIA DALI decodes the JPEGs on the GPU (on its hardware JPEG "
+                        f"decoder where it has one).")
+    if requested == "dali":
+        raise UsageError(f"--decode dali needs NVIDIA DALI, which cannot be imported here ({missing}). Install it "
+                         f"with `pip install -r requirements-dali.txt`, or pass --decode cpu or gpu.")
+    return "cpu", ("--decode auto: NVIDIA DALI is not installed, so the loader workers decode the JPEGs "
+                   "(`pip install -r requirements-dali.txt` lets the GPU's JPEG engines do it).")
+
+
 def input_pipeline(decode: str, device: torch.device, gpu_decode_share: float):
     """What --decode means on this device: (dataset class, collate function, pin_memory, to_model_input: the
     callable that turns a collated batch into the model's normalized input on the device)."""
-    if decode_on_device(decode, device):
+    route, why = decode_route(decode, device)
+    log(why)
+    if route in ("gpu", "dali"):
         # The device decoder corrects labels in place (an undecodable file), which pinned copies would not
         # show; file bytes gain nothing from pinning anyway.
         return (partial(EncodedImageFolderDataset, device_share=gpu_decode_share), collate_encoded, False,
-                DeviceBatchDecoder(device))
-    if decode == "gpu":
-        log("--decode gpu: there is no GPU, so the loader workers decode the JPEGs (--decode cpu).")
+                DeviceBatchDecoder(device) if route == "gpu" else DaliBatchDecoder(device))
     return ImageFolderDataset, collate, device.type == "cuda", Normalizer(device)
 
 

@@ -12,9 +12,12 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from checkpoint import LATEST, PREVIOUS, UNREADABLE
 from config import UsageError
 from dataset_paths import data_volume
+from engine import decode_route
 from runtime import log
 
 LOCK_FILE = "train.lock"
@@ -209,14 +212,16 @@ def format_duration(seconds: float) -> str:
 
 def data_wait_advice(fraction: float, decode: str, gpu_decode_share: float, device_type: str, workers: int) -> str:
     """What to try when training waited for data more than a tenth of the time, or when the GPU decodes
-    JPEGs that idle workers could have decoded instead."""
+    JPEGs that idle workers could have decoded instead. decode is the flag; the route it took is what counts
+    (--decode auto is the workers' or DALI's)."""
+    decode = decode_route(decode, torch.device(device_type))[0]
     if fraction < 0.02 and device_type == "cuda" and decode == "gpu" and gpu_decode_share > 0:
         return (f"; the workers keep up, so a --gpu-decode-share below {gpu_decode_share:g} may leave more of the "
                 f"GPU to training")
     if fraction < 0.1:
         return ""
     if device_type == "cuda" and decode == "cpu":
-        return "; the loader workers cannot keep up: try --decode gpu"
+        return "; the loader workers cannot keep up: try --decode gpu or dali (pip install -r requirements-dali.txt)"
     if device_type == "cuda" and gpu_decode_share < 1:
         return f"; the loader workers cannot keep up: raise --gpu-decode-share above {gpu_decode_share:g}"
     return f"; the loader cannot keep up: try more --workers than {workers} if cores are idle, or a faster disk"

@@ -1,0 +1,240 @@
+"""The DALI input path, run on DALI's CPU operators (the same pipeline as on a GPU, "cpu" decoder instead of
+"mixed"): the CPU path's windows and flips, pixels within a measured tolerance of it, odd and broken files
+handled and counted the same way, and train.py on it learning and resuming bit for bit. Only the choice that
+--decode auto makes runs without nvidia-dali installed (requirements-dali.txt; requirements-dev.txt has it)."""
+
+import csv
+import dataclasses
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import test_gpu_decode
+import torch
+from conftest import REPO, add_odd_images
+from PIL import Image
+from test_gpu_decode import CPU, SIZE, both_paths, datasets, jpeg_bytes, names, per_image_error
+
+import engine
+from config import UsageError, parse_config
+from dali_decode import DaliBatchDecoder, dali_missing, slice_and_roi
+from data import ImageFolderDataset, Normalizer, collate
+from gpu_decode import collate_encoded
+from outputs import data_wait_advice
+
+needs_dali = pytest.mark.skipif(dali_missing() is not None,
+                                reason=f"nvidia-dali is not installed ({dali_missing()}); "
+                                       f"pip install -r requirements-dali.txt")
+# test_gpu_decode's photos and odd files, so both device routes are held to the same data.
+photos_dir, odd_dir = test_gpu_decode.photos_dir, test_gpu_decode.odd_dir
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
+
+# Mean absolute difference in normalized units (1.0 = one standard deviation, about 57 of 255 levels), measured
+# over the 66 crops at 64 px of test_gpu_decode's photos. To PIL decoding the whole file and resizing the same
+# window: at most 0.0042 per image, 0.0025 on average (0.14 grey levels), so window, flip and filter are PIL's.
+# To the CPU path: at most 0.108 per image, 0.037 on average, nearly all of it the CPU path's reduced-size JPEG
+# decode (which is 0.107 and 0.036 from PIL's full decode). A missing flip gives at least 0.27 per image,
+# swapped channels 0.28, the window of another epoch 0.38.
+PIL_TOLERANCE = 0.01
+IMAGE_TOLERANCE, BATCH_TOLERANCE = 0.15, 0.06
+
+
+def full_decode(path: str, box, flip: bool, size: int) -> torch.Tensor:
+    """PIL's reference: the whole file decoded, the window resized with the CPU path's filter."""
+    with Image.open(path) as img:
+        left, top, width, height = box
+        img = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR,
+                                        box=(left, top, left + width, top + height))
+    if flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return torch.from_numpy(np.array(img))
+
+
+def test_windows_become_whole_pixel_slices_and_a_subpixel_resize_region():
+    anchor, shape, start, end = slice_and_roi((10.25, 3.5, 100.5, 100.5))
+    assert anchor == [10, 3] and shape == [101, 101]  # x, y: the decoder's order
+    assert start == [0.5, 0.25] and end == [101.0, 100.75]  # y, x: the resize's, inside the slice
+    assert slice_and_roi((0, 0, 640, 427)) == ([0, 0], [640, 427], [0, 0], [427, 640])
+
+
+@needs_dali
+def test_crops_are_pils_on_the_same_windows_and_within_the_measured_tolerance_of_the_cpu_path(photos_dir):
+    decoder = DaliBatchDecoder(CPU)
+    to_pil, to_cpu, flipped, swapped, other_box = [], [], [], [], []
+    for train, epochs in ((True, range(10)), (False, [0])):  # val windows have fractional corners
+        cpu_set, encoded_set = datasets(photos_dir, train)
+        for epoch in epochs:
+            items = [(epoch, i) for i in range(len(cpu_set))]
+            (expected, cpu_labels, _), (images, labels, skipped) = both_paths(cpu_set, encoded_set, items, decoder)
+            assert torch.equal(labels, cpu_labels) and skipped == []
+            assert images.dtype == torch.float32 and images.is_contiguous(memory_format=torch.channels_last)
+            records = [encoded_set[item][0] for item in items]
+            reference = Normalizer(CPU)(torch.stack([full_decode(r.path, r.box, r.flip, SIZE) for r in records]))
+            to_pil.append(per_image_error(images, reference))
+            to_cpu.append(per_image_error(images, expected))
+            flipped.append(per_image_error(images.flip(3), expected))
+            swapped.append(per_image_error(images.flip(1), expected))  # RGB <-> BGR
+            if train:  # the window of the next epoch, everything else the same
+                batch = collate_encoded([
+                    (dataclasses.replace(r, box=encoded_set[(epoch + 1, i)][0].box), 0, [])
+                    for r, (_, i) in zip(records, items, strict=True)])[0]
+                other_box.append(per_image_error(decoder(batch), expected))
+    to_pil, to_cpu = torch.cat(to_pil), torch.cat(to_cpu)
+    assert to_pil.max() < PIL_TOLERANCE
+    assert to_cpu.max() < IMAGE_TOLERANCE and to_cpu.mean() < BATCH_TOLERANCE
+    assert all(torch.cat(wrong).min() > IMAGE_TOLERANCE for wrong in (flipped, swapped, other_box))
+
+
+@needs_dali
+def test_odd_files_take_the_cpu_route_and_broken_ones_are_counted_like_the_cpu_path(odd_dir):
+    """PNG, CMYK and grayscale files are decoded by the worker exactly as the CPU path does; the empty, text,
+    truncated and half files fail there; the broken scan passes the worker's checks and fails in DALI, whose
+    pipeline is then rebuilt. Each is met and reported as often as in the CPU path, and replaced the same way."""
+    decoder = DaliBatchDecoder(CPU)
+    cpu_set, encoded_set = datasets(odd_dir, train=True)
+    items = [(0, i) for i in range(len(cpu_set))]
+    (expected, cpu_labels, cpu_skipped), (images, labels, skipped) = both_paths(cpu_set, encoded_set, items, decoder)
+    assert names(skipped) == names(cpu_skipped) and len(skipped) == 15
+    assert sum("odd_h_broken_scan" in line for line in skipped) == 5  # found by DALI, confirmed by PIL
+    assert torch.equal(labels, cpu_labels)
+    assert torch.equal(images[:3], expected[:3])
+    assert per_image_error(images[3:], expected[3:]).max() < IMAGE_TOLERANCE
+
+    cpu_val, encoded_val = datasets(odd_dir, train=False)
+    (expected, cpu_labels, cpu_skipped), (images, labels, skipped) = both_paths(cpu_val, encoded_val, items, decoder)
+    assert labels.tolist() == cpu_labels.tolist() == [0, 0, 0, -1, -1, -1, -1, -1, 0]
+    assert names(skipped) == names(cpu_skipped) and len(skipped) == 5
+    assert torch.equal(images[:-1], expected[:-1])  # the odd files and the blanks, to the bit
+    assert per_image_error(images[-1:], expected[-1:]).max() < IMAGE_TOLERANCE
+
+
+@needs_dali
+def test_a_file_dali_rejects_and_pil_reads_is_decoded_by_pil(tmp_path, monkeypatch):
+    for name, photo in (("0.JPEG", "china"), ("1.JPEG", "flower")):
+        (tmp_path / "train" / "a").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "train" / "a" / name).write_bytes(jpeg_bytes(photo))
+    rejected = len(jpeg_bytes("flower"))
+    real_run = DaliBatchDecoder.run
+
+    def run(self, files, *args):
+        if any(len(data) == rejected for data in files):
+            self.pipeline = None
+            raise RuntimeError("Critical error in pipeline:\nunsupported by this decoder")
+        return real_run(self, files, *args)
+
+    monkeypatch.setattr(DaliBatchDecoder, "run", run)
+    cpu_set, encoded_set = datasets(tmp_path, train=True)
+    with pytest.warns(RuntimeWarning, match="1.JPEG; decoded it with PIL on the CPU"):
+        (expected, _, _), (images, labels, skipped) = both_paths(cpu_set, encoded_set, [(0, 0), (0, 1)],
+                                                                 DaliBatchDecoder(CPU))
+    assert skipped == [] and labels.tolist() == [0, 0]
+    record = encoded_set[(0, 1)][0]
+    assert torch.equal(images[1], Normalizer(CPU)(full_decode(record.path, record.box, record.flip, SIZE)[None])[0])
+    assert per_image_error(images, expected).max() < IMAGE_TOLERANCE
+
+
+@needs_dali
+def test_output_is_normalized_float_channels_last_at_the_epochs_size(odd_dir):
+    _, encoded_set = datasets(odd_dir, train=True, start_image_size=32, epochs=3)
+    decoder = DaliBatchDecoder(CPU)
+    for epoch, size in enumerate([32, 48, 64]):
+        batch, _, _ = collate_encoded([encoded_set[(epoch, i)] for i in range(len(encoded_set))])
+        assert len(batch.lengths) > 0 and len(batch.decoded) > 0  # both routes in the batch
+        images = decoder(batch)
+        assert images.shape == (len(encoded_set), 3, size, size) and images.dtype == torch.float32
+        assert images.device == CPU and images.is_contiguous(memory_format=torch.channels_last)
+        assert -2.2 < images.min() and images.max() < 2.7  # (0 - mean) / std ... (1 - mean) / std
+
+
+def forced_dali_decode(*args) -> list[str]:
+    """train.py with the DALI route taking effect on the CPU device, as --decode auto takes it on a GPU."""
+    args = [str(a) for a in args]
+    return [sys.executable, "-c", f"""
+import sys, dali_decode, engine, train
+engine.decode_route = lambda requested, device: ("dali", "JPEGs are decoded with DALI (forced on the CPU).")
+files, run = [0], dali_decode.DaliBatchDecoder.run
+def counting_run(self, batch_files, *args):
+    files[0] += len(batch_files)
+    return run(self, batch_files, *args)
+dali_decode.DaliBatchDecoder.run = counting_run
+code = train.main({args!r})
+print(f"files decoded by DALI: {{files[0]}}")
+sys.exit(code)
+"""]
+
+
+@needs_dali
+def test_train_py_on_dali_decoded_batches_counts_like_the_cpu_path_learns_and_resumes_exactly(digits_dir, tmp_path):
+    """train.py's loop on the DALI route (forced on, on the CPU): broken files are skipped and counted exactly as
+    the CPU path counts them (tests/test_faults.py), it learns, and a run stopped by SIGTERM and rerun ends
+    bit-identical to an uninterrupted one (tests/test_resume.py's flags)."""
+    from test_faults import expected_train_skips
+    from test_resume import ARGS, assert_same_run, wait_for_new_checkpoint
+
+    data = tmp_path / "data"
+    shutil.copytree(digits_dir, data)
+    for path in data.glob("*/*/*.jpg"):  # the digits are grayscale JPEGs, which the workers would decode
+        with Image.open(path) as img:
+            img.convert("RGB").save(path, quality=95)
+    names = add_odd_images(data / "train" / "digit_3")
+    add_odd_images(data / "val" / "digit_7")
+    reference = tmp_path / "uninterrupted"
+    done = subprocess.run(forced_dali_decode("--data-dir", data, "--output-dir", reference, *ARGS),
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "JPEGs are decoded with DALI (forced on the CPU)." in done.stdout
+    # 2 epochs of 1,440 training and 363 val images: all but the 6 odd files of each split go to DALI.
+    assert int(done.stdout.rsplit("files decoded by DALI: ", 1)[1]) == 2 * (1440 + 363 - 6)
+
+    train_names = sorted(p.name for p in (data / "train" / "digit_3").iterdir())
+    first = sum(len(list((data / "train" / f"digit_{c}").iterdir())) for c in range(3))
+    broken = {first + train_names.index(n) for n in names}
+    with open(reference / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["val_images"]) for r in rows] == [363, 363]
+    assert [int(r["skipped_images"]) for r in rows] == [expected_train_skips(1443, broken, e) + 3 for e in (0, 1)]
+    assert float(rows[-1]["val_acc1"]) > 30  # 10 classes: chance is 10%
+
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen(forced_dali_decode("--data-dir", data, "--output-dir", out, *ARGS), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_new_checkpoint(out, proc, None)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Stopped by SIGTERM" in stdout, stderr
+    again = subprocess.run(forced_dali_decode("--data-dir", data, "--output-dir", out, *ARGS),
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "Resuming" in again.stdout, again.stderr
+    assert_same_run(out, reference)
+
+
+def test_decode_auto_takes_dali_on_a_gpu_with_dali_installed_and_the_workers_otherwise(monkeypatch, capsys):
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert parse_config([]).decode == "auto" and parse_config(["--decode", "dali"]).decode == "dali"
+    monkeypatch.setattr(engine, "dali_missing", lambda: None)
+    assert engine.decode_route("auto", gpu)[0] == "dali" and engine.decode_route("dali", gpu)[0] == "dali"
+    assert engine.decode_route("gpu", gpu)[0] == "gpu" and engine.decode_route("cpu", gpu)[0] == "cpu"
+    for requested in ("auto", "dali", "gpu"):  # nothing to decode on: the workers, whatever is installed
+        route, why = engine.decode_route(requested, cpu)
+        assert route == "cpu" and why.startswith(f"--decode {requested}: there is no GPU, so the loader workers")
+
+    monkeypatch.setattr(engine, "dali_missing", lambda: "ModuleNotFoundError: No module named 'nvidia'")
+    route, why = engine.decode_route("auto", gpu)
+    assert route == "cpu" and "DALI is not installed" in why and "requirements-dali.txt" in why
+    with pytest.raises(UsageError, match=r"--decode dali needs NVIDIA DALI.*No module named 'nvidia'.*"
+                                         r"pip install -r requirements-dali.txt"):
+        engine.decode_route("dali", gpu)
+    assert engine.decode_route("gpu", gpu)[0] == "gpu"
+    # The epoch summary's advice follows the route taken: here the workers decode, so a GPU route is the advice.
+    assert "try --decode gpu or dali" in data_wait_advice(0.3, "auto", 1.0, "cuda", 15)
+    monkeypatch.setattr(engine, "dali_missing", lambda: None)
+    assert "more --workers than 15" in data_wait_advice(0.3, "auto", 1.0, "cuda", 15)
+    assert "raise --gpu-decode-share above 0.5" in data_wait_advice(0.3, "auto", 0.5, "cuda", 15)
+
+    capsys.readouterr()
+    dataset, collate_fn, pin, prepare = engine.input_pipeline("auto", cpu, 1.0)
+    assert (dataset, collate_fn, pin, type(prepare)) == (ImageFolderDataset, collate, False, Normalizer)
+    assert capsys.readouterr().out == "--decode auto: there is no GPU, so the loader workers decode the JPEGs.\n"
