@@ -15,14 +15,18 @@ whole epochs and without each epoch's worker start-up; with --decode gpu, for ea
 
 import argparse
 import csv
+import functools
 import json
+import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -56,14 +60,20 @@ def environment() -> dict:
 
 # ------------------------------------------------------------------------------------------------- make-data
 
+@functools.cache
+def sample_photo(name: str) -> np.ndarray:
+    """Read once per process: decoding it took about a third of each image's time."""
+    from sklearn.datasets import load_sample_image
+
+    return load_sample_image(name)
+
+
 def write_image(job: tuple[Path, int]) -> int:
     """One JPEG of ImageNet's typical size (500x375, one in ten larger), cut from a real photograph at a
     random position and scale, with sensor-like noise so it compresses like a camera photo (~100 KB)."""
-    from sklearn.datasets import load_sample_image
-
     path, seed = job
     rng = np.random.default_rng(seed)
-    photo = load_sample_image(["china.jpg", "flower.jpg"][seed % 2])  # 427x640 RGB
+    photo = sample_photo(["china.jpg", "flower.jpg"][seed % 2])  # 427x640 RGB
     width, height = (500, 375) if rng.random() < 0.9 else (1000, 750)
     if rng.random() < 0.5:
         width, height = height, width
@@ -75,16 +85,30 @@ def write_image(job: tuple[Path, int]) -> int:
     return path.stat().st_size
 
 
-def make_data(args) -> None:
+def write_dataset(out: Path, images: int, classes: int, deadline: float = math.inf) -> dict:
+    """train/ and val/ (a tenth as many) of ImageNet-like JPEGs in `classes` folders. At the deadline
+    (time.monotonic()) it stops with what it has: val comes first and the classes take turns, so every class
+    has images in both splits."""
     jobs = []
-    for split, count in (("train", args.images), ("val", max(args.classes, args.images // 10))):
+    for split, count in (("val", max(classes, images // 10)), ("train", images)):
         for i in range(count):
-            folder = Path(args.out) / split / f"n{i % args.classes:08d}"
+            folder = Path(out) / split / f"n{i % classes:08d}"
             folder.mkdir(parents=True, exist_ok=True)
             jobs.append((folder / f"{split}_{i:07d}.JPEG", 2 * i + (split == "val")))
-    with ProcessPoolExecutor() as pool:
-        sizes = list(pool.map(write_image, jobs, chunksize=64))
-    report(args, what="make-data", out=str(args.out), images=len(sizes), mean_kb=round(np.mean(sizes) / 1024, 1))
+    sizes = []
+    pool = ProcessPoolExecutor()
+    try:
+        for size in pool.map(write_image, jobs, chunksize=64):
+            sizes.append(size)
+            if time.monotonic() > deadline:
+                break
+    finally:
+        pool.shutdown(cancel_futures=True)
+    return {"what": "make-data", "out": str(out), "images": len(sizes), "mean_kb": round(np.mean(sizes) / 1024, 1)}
+
+
+def make_data(args) -> None:
+    report(args, **write_dataset(args.out, args.images, args.classes))
 
 
 # ------------------------------------------------------------------------------------------------- compute
@@ -114,17 +138,20 @@ def significant(value: float, digits: int = 4) -> float:
     return float(f"{value:.{digits}g}")
 
 
+MODELS = {"project": resnet50, "torchvision": torchvision.models.resnet50}
+
+
 def compute(args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = True
     settings = dict(precision=args.precision, channels_last=args.channels_last, compile=args.compile,
                     batch_size=args.batch_size, image_size=args.image_size, device=device.type)
     best = {}
-    # Two interleaved rounds, best of each: whichever model ran first would otherwise pay for warming up
-    # the allocator and the cuDNN autotuner.
-    for _ in range(2):
-        for name, build in (("project", resnet50), ("torchvision", torchvision.models.resnet50)):
-            best[name] = max(best.get(name, 0.0), time_train_steps(build(), args, device, args.steps))
+    # Two interleaved rounds by default, best of each: whichever model ran first would otherwise pay for
+    # warming up the allocator and the cuDNN autotuner.
+    for _ in range(args.rounds):
+        for name in args.models:
+            best[name] = max(best.get(name, 0.0), time_train_steps(MODELS[name](), args, device, args.steps))
     for name, img_s in best.items():
         report(args, what="compute", model=name, img_s=significant(img_s),
                ms_step=round(1000 * args.batch_size / img_s, 2), **settings)
@@ -148,9 +175,18 @@ def time_loader(loader, seconds: float, warmup_batches: int = 3, finish=None) ->
     return images / (time.perf_counter() - start)
 
 
-def loader(args) -> None:
+def reference_loader(root: Path, image_size: int, batch_size: int, workers: int) -> torch.utils.data.DataLoader:
+    """The torchvision reference: ImageFolder + PIL + RandomResizedCrop + flip + ToTensor + Normalize."""
     from torchvision import transforms
 
+    dataset = torchvision.datasets.ImageFolder(root, transforms.Compose([
+        transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+        transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]))
+    return torch.utils.data.DataLoader(dataset, batch_size, shuffle=True, num_workers=workers,
+                                       pin_memory=torch.cuda.is_available(), drop_last=True)
+
+
+def loader(args) -> None:
     root = Path(args.data_dir) / "train"
     classes = class_folders(root) if root.is_dir() else []  # the loader reads train/ alone: no val/ needed
     if not classes:
@@ -174,11 +210,7 @@ def loader(args) -> None:
     else:
         project = make_loader(ours, sampler, args.workers, pin_memory=torch.cuda.is_available())
         finish, project_row = None, {"pipeline": "project"}
-    reference_set = torchvision.datasets.ImageFolder(root, transforms.Compose([
-        transforms.RandomResizedCrop(args.image_size), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-        transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]))
-    reference = torch.utils.data.DataLoader(reference_set, args.batch_size, shuffle=True, num_workers=args.workers,
-                                            pin_memory=torch.cuda.is_available(), drop_last=True)
+    reference = reference_loader(root, args.image_size, args.batch_size, args.workers)
     for row, dl, done in ((project_row, project, finish), ({"pipeline": "torchvision"}, reference, None)):
         img_s = time_loader(dl, args.seconds, finish=done)
         report(args, what="loader", **row, workers=args.workers, img_s=significant(img_s),
@@ -187,7 +219,48 @@ def loader(args) -> None:
 
 # ------------------------------------------------------------------------------------------------- train
 
-def time_train_script(args, share: float) -> dict:
+class MeasurementFailed(Exception):
+    """A program being measured failed (its own output says why) or ran out of time."""
+
+
+class OutOfTime(MeasurementFailed):
+    pass
+
+
+def run_until(command: list[str], deadline: float = math.inf, **popen_kwargs) -> int:
+    """The exit status of `command`; at the deadline (time.monotonic()) it and its children get SIGTERM (train.py
+    then saves and stops), then SIGKILL after STOP_GRACE_SECONDS, and OutOfTime is raised."""
+    proc = subprocess.Popen(command, start_new_session=True, **popen_kwargs)  # a group, to reach its children
+    try:
+        return proc.wait(timeout=max(deadline - time.monotonic(), 0) if deadline < math.inf else None)
+    except subprocess.TimeoutExpired:
+        stop_group(proc)
+        raise OutOfTime(f"stopped at its time cap: {' '.join(command)}") from None
+    except BaseException:  # Ctrl-C reaches only this process now that the child has its own session
+        stop_group(proc)
+        raise
+
+
+STOP_GRACE_SECONDS = 10
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=STOP_GRACE_SECONDS)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:  # already gone
+        pass
+
+
+def decode_routes() -> list[str]:
+    """The --decode values train.py accepts, read from its Config so that a new route shows up here."""
+    return next(f for f in fields(Config) if f.name == "decode").metadata["choices"]
+
+
+def time_train_script(args, share: float, deadline: float = math.inf) -> dict:
     """`python train.py` on --data-dir, one GPU: one warm-up epoch, then whole epochs covering --steps, read
     back from the run's metrics.csv. steady_img_s leaves out each epoch's first batch, which waits for the
     loader workers to start: an ImageNet epoch (5,004 steps) pays that once, a benchmark epoch often enough
@@ -205,15 +278,15 @@ def time_train_script(args, share: float) -> dict:
                    args.precision, "--decode", args.decode, "--gpu-decode-share", str(share),
                    *(["--compile"] if args.compile else [])]
         # train.py's progress bar and log go to stderr: stdout is for results.
-        if subprocess.run(command, stdout=sys.stderr, env=env).returncode:
-            sys.exit(f"error: train.py failed ({' '.join(command)})")
+        if run_until(command, deadline, stdout=sys.stderr, env=env):
+            raise MeasurementFailed(f"train.py failed ({' '.join(command)})")
         with open(Path(out) / "metrics.csv", newline="") as f:
             rows = list(csv.DictReader(f))[1:]
     images = sum(int(r["train_images"]) for r in rows)
     seconds = sum(float(r["epoch_seconds"]) for r in rows)
     first = sum(float(r["first_batch_seconds"]) for r in rows)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    decode = "gpu" if args.decode == "gpu" and device == "cuda" else "cpu"
+    decode = args.decode if device == "cuda" else "cpu"  # train.py's own fallback without a GPU
     return {"what": "train", "img_s": significant(images / seconds),
             "steady_img_s": significant((images - len(rows) * args.batch_size) / (seconds - first)),
             "data_wait_pct": round(float(np.mean([float(r["data_wait_pct"]) for r in rows])), 1),
@@ -244,6 +317,13 @@ def shares(text: str) -> list[float]:
     return values
 
 
+def model_names(text: str) -> list[str]:
+    names = text.split(",")
+    if not set(names) <= set(MODELS):
+        raise argparse.ArgumentTypeError(f"expected names from {', '.join(MODELS)} separated by commas, got {text!r}")
+    return names
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -262,14 +342,17 @@ def main() -> int:
         sub.choices[name].add_argument("--warmup", type=int, default=10)
     sub.choices["compute"].add_argument("--steps", type=int, default=30)
     sub.choices["compute"].add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    sub.choices["compute"].add_argument("--models", type=model_names, default=list(MODELS),
+                                        help="comma-separated, from " + ", ".join(MODELS))
+    sub.choices["compute"].add_argument("--rounds", type=int, default=2, help="interleaved rounds, best of each")
     for name in ("loader", "train"):
         sub.choices[name].add_argument("--data-dir", type=Path, required=True)
         sub.choices[name].add_argument("--workers", type=int, default=max(1, usable_cores() - 1))
     sub.choices["loader"].add_argument("--seconds", type=float, default=20)
     for name in ("loader", "train"):
-        sub.choices[name].add_argument("--decode", choices=["cpu", "gpu"], default="cpu",
-                                       help="gpu: workers read files, batches are decoded on cuda (loader: on the "
-                                            "cpu without one; train: train.py --decode)")
+        sub.choices[name].add_argument("--decode", choices=["cpu", "gpu"] if name == "loader" else decode_routes(),
+                                       default="cpu", help="gpu: workers read files, batches are decoded on cuda "
+                                                           "(loader: on the cpu without one; train: train.py --decode)")
     sub.choices["train"].add_argument("--steps", type=int, default=100)
     sub.choices["train"].add_argument("--compute-steps", type=int, default=30,
                                       help="timed steps of the compute-only figure it is compared with")
@@ -284,6 +367,9 @@ def main() -> int:
     except DatasetLayoutError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except MeasurementFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print("\n" + "\n".join(" | ".join(f"{k}={v}" for k, v in row.items()) for row in RESULTS), file=sys.stderr)
     return 0
 
