@@ -169,7 +169,8 @@ class DeviceBatchDecoder:
     ImageNet-like files (one in ten 1000x750) 1.6 to 2.9 GB, median 2.2 (200 batches of random crops); and
     0.71 to 0.75 GB when every file is 500x375 or 375x500. So the canvas is built for a chunk of images at
     a time, as many as fit in canvas_bytes: the default, 768 MiB, holds 64 images at 1024x1024, and a batch
-    of 256 at ImageNet's common 500x375 still goes in one chunk (an extra chunk costs a few kernel launches).
+    of 256 at ImageNet's common 500x375 still goes in one chunk (an extra chunk costs a few small launches and
+    copies; the decoder has already waited for the stream, so they do not wait for training).
     """
 
     def __init__(self, device: torch.device, max_side: int = 1024, canvas_bytes: int = 768 * 2**20):
