@@ -14,13 +14,14 @@ the JPEGs to the device and has the workers decode the rest, so neither side wai
                          collate_fn=collate_encoded)
     decode = DeviceBatchDecoder(device)
     for images, labels, skipped in loader:
-        x = decode(images)  # first: it may rewrite labels and add to skipped, see DeviceBatchDecoder
+        x, labels, skipped = model_batch(decode, images, labels, skipped)  # see DeviceBatchDecoder.decode_batch
 """
 
 import io
 import math
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -153,57 +154,79 @@ class DeviceBatchDecoder:
 
     All files are decoded by one decode_jpeg call (nvJPEG on CUDA). If it fails, each file is decoded on
     its own; a file decode_jpeg still rejects is decoded by PIL on the CPU (with a warning). A file PIL
-    cannot decode either is reported in batch.skipped and, in training, replaced by another image of the
-    same batch (the next one, wrapping), whose label is copied into batch.labels; in val it becomes a blank
-    image labelled -1, as in the CPU path. These corrections are made in place, so call the decoder before
-    moving the labels to the device or reading skipped.
+    cannot decode either is reported in skipped and, in training, replaced by another image of the same
+    batch (the next one, wrapping), whose label it takes; in val it becomes a blank image labelled -1, as in
+    the CPU path. decode_batch returns those corrections; calling the decoder itself (the older interface)
+    writes them into batch.labels and batch.skipped instead.
 
     Crops are cut and resized together: each crop (plus a pixel of context) is placed in a zero-padded
     canvas and one roi_align with an adaptive sampling grid averages each output pixel's area, which
     filters like an antialiased resize. Crops with a side over max_side are first downscaled on their own,
-    so one huge photo cannot make the canvas of the whole batch huge.
+    so one huge photo cannot make the canvas huge.
+
+    The canvas is float32, (images, 3, H, W) with H and W the largest crop sides in the batch. For a whole
+    batch of 256 that is 3.2 GB once crops reach max_side (1024) both ways; on benchmark.py make-data's
+    ImageNet-like files (one in ten 1000x750) 1.6 to 2.9 GB, median 2.2 (200 batches of random crops); and
+    0.71 to 0.75 GB when every file is 500x375 or 375x500. So the canvas is built for a chunk of images at
+    a time, as many as fit in canvas_bytes: the default, 768 MiB, holds 64 images at 1024x1024, and a batch
+    of 256 at ImageNet's common 500x375 still goes in one chunk (an extra chunk costs a few small launches and
+    copies; the decoder has already waited for the stream, so they do not wait for training).
     """
 
-    def __init__(self, device: torch.device, max_side: int = 1024):
+    def __init__(self, device: torch.device, max_side: int = 1024, canvas_bytes: int = 768 * 2**20):
         self.device = torch.device(device)
         self.max_side = max_side
+        self.canvas_bytes = canvas_bytes
         self.normalize = Normalizer(self.device)
 
     def __call__(self, batch: EncodedBatch) -> torch.Tensor:
+        """decode_batch's images, with its corrections written into batch.labels and batch.skipped: the
+        interface of callers that read those after the call."""
+        images, labels, skipped = self.decode_batch(batch, batch.labels, batch.skipped)
+        batch.labels.copy_(labels)
+        batch.skipped[:] = skipped
+        return images
+
+    def decode_batch(self, batch: EncodedBatch, labels: torch.Tensor,
+                     skipped: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """(images, labels, skipped) for a loader's (batch, labels, skipped), which are left as they are:
+        labels and skipped are new objects where a file could not be decoded, else the ones given."""
         size = batch.image_size
-        out = torch.empty(len(batch.labels), 3, size, size, device=self.device, memory_format=torch.channels_last)
+        out = torch.empty(len(labels), 3, size, size, device=self.device, memory_format=torch.channels_last)
         if len(batch.decoded):
             out[batch.decoded_positions.to(self.device)] = self.normalize(batch.decoded)
         if not batch.lengths:
-            return out
-        images = self.decode(batch)
+            return out, labels, skipped
+        images, unreadable = self.decode(batch)
         good = [i for i, image in enumerate(images) if image is not None]
         if good:
-            crops = self.crop_and_resize([images[i] for i in good], batch.boxes[good], size)
-            flips = batch.flips[good].to(self.device).view(-1, 1, 1, 1)
-            crops = torch.where(flips, crops.flip(3), crops)
-            out[batch.positions[good].to(self.device)] = (crops - self.normalize.mean) * self.normalize.inv_std
+            positions, flips = batch.positions[good].to(self.device), batch.flips[good].to(self.device)
+            for start, end, crops in self.crop_and_resize([images[i] for i in good], batch.boxes[good], size):
+                crops = torch.where(flips[start:end].view(-1, 1, 1, 1), crops.flip(3), crops)
+                out[positions[start:end]] = (crops - self.normalize.mean) * self.normalize.inv_std
         failed = [int(batch.positions[i]) for i, image in enumerate(images) if image is None]
         if failed:
-            self.replace(out, batch, failed)
-        return out
+            skipped = skipped + unreadable
+            labels = self.replace(out, labels, batch.train, failed, skipped)
+        return out, labels, skipped
 
-    def decode(self, batch: EncodedBatch) -> list[torch.Tensor | None]:
-        """CHW uint8 images on the device; None where no decoder could read the file."""
-        encoded = batch.encoded()
+    def decode(self, batch: EncodedBatch) -> tuple[list[torch.Tensor | None], list[str]]:
+        """CHW uint8 images on the device, None where no decoder could read the file; and a line for each
+        of those files."""
+        encoded, unreadable = batch.encoded(), []
         if self.device.type == "cuda":
             # nvJPEG writes its outputs on a private stream that does not wait for the current one, so it can
             # overwrite freshly freed memory that queued kernels (the last training step) still read
             # (pytorch/vision#9606, still in torchvision 0.28). Draining the stream first rules that out.
             torch.cuda.current_stream(self.device).synchronize()
         try:
-            return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
+            return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device), unreadable
         except torch.OutOfMemoryError:
             raise
         except RuntimeError:
             # One bad file fails the whole call without saying which: find it (and report it) file by file.
-            return [self.decode_one(data, path, batch.skipped) for data, path in zip(encoded, batch.paths,
-                                                                                    strict=True)]
+            return [self.decode_one(data, path, unreadable) for data, path in zip(encoded, batch.paths,
+                                                                                 strict=True)], unreadable
 
     def decode_one(self, data: torch.Tensor, path: str, skipped: list[str]) -> torch.Tensor | None:
         try:
@@ -222,47 +245,77 @@ class DeviceBatchDecoder:
                       RuntimeWarning, stacklevel=2)
         return pixels.permute(2, 0, 1).to(self.device)
 
-    def crop_and_resize(self, images: list[torch.Tensor], boxes: torch.Tensor, size: int) -> torch.Tensor:
-        """Float (N, 3, size, size) in [0, 255]: the box of each CHW uint8 image resized to size x size."""
-        pieces, rois = [], []
+    def crop_and_resize(self, images: list[torch.Tensor], boxes: torch.Tensor,
+                        size: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(start, end, crops) for consecutive chunks of the images: crops is float (end - start, 3, size,
+        size) in [0, 255], the box of each CHW uint8 image resized to size x size."""
+        regions, rois = [], []
         for image, (left, top, width, height) in zip(images, boxes.tolist(), strict=True):
             # The crop's pixels and one more on each side, which the interpolation at its edges reads.
             x0, y0 = max(math.floor(left) - 1, 0), max(math.floor(top) - 1, 0)
             x1, y1 = min(math.ceil(left + width) + 1, image.shape[2]), min(math.ceil(top + height) + 1, image.shape[1])
-            piece, scale_x, scale_y = image[:, y0:y1, x0:x1], 1.0, 1.0
-            if max(piece.shape[1:]) > self.max_side:
-                shrink = self.max_side / max(piece.shape[1:])
-                h, w = max(round(piece.shape[1] * shrink), 1), max(round(piece.shape[2] * shrink), 1)
-                scale_x, scale_y = w / piece.shape[2], h / piece.shape[1]
-                piece = F.interpolate(piece[None].float(), size=(h, w), mode="bilinear", antialias=True)[0]
-            pieces.append(piece)
-            rois.append((len(rois), (left - x0) * scale_x, (top - y0) * scale_y,
-                         (left + width - x0) * scale_x, (top + height - y0) * scale_y))
-        heights = torch.tensor([p.shape[1] for p in pieces])
-        widths = torch.tensor([p.shape[2] for p in pieces])
-        canvas = torch.zeros(len(pieces), 3, int(heights.max()), int(widths.max()), device=self.device)
-        for i, piece in enumerate(pieces):
-            canvas[i, :, :piece.shape[1], :piece.shape[2]] = piece
-        # Samples near a piece's right or bottom edge interpolate with the next column or row, which is
-        # padding: repeat the edge there, as resizers do at an image border, rather than blend in black.
-        # (roi_align itself clamps at the canvas border and at the left and top.)
-        n = torch.arange(len(pieces))
-        short = widths < canvas.shape[3]
-        canvas[n[short], :, :, widths[short]] = canvas[n[short], :, :, widths[short] - 1]
-        short = heights < canvas.shape[2]
-        canvas[n[short], :, heights[short], :] = canvas[n[short], :, heights[short] - 1, :]
-        rois = torch.tensor(rois, dtype=torch.float32, device=self.device)
-        return roi_align(canvas, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+            h, w, scale_x, scale_y = y1 - y0, x1 - x0, 1.0, 1.0
+            if max(h, w) > self.max_side:
+                shrink = self.max_side / max(h, w)
+                h, w = max(round(h * shrink), 1), max(round(w * shrink), 1)
+                scale_x, scale_y = w / (x1 - x0), h / (y1 - y0)
+            regions.append((x0, y0, x1, y1, h, w))
+            rois.append(((left - x0) * scale_x, (top - y0) * scale_y, (left + width - x0) * scale_x,
+                         (top + height - y0) * scale_y))
+        # Every chunk's canvas has the whole batch's sides. At a canvas border roi_align clamps, where inside
+        # it blends the repeated edge below; the two differ in the last bits (up to 5e-5 of 255), so with
+        # canvases sized per chunk an image's pixels would depend on which chunk it landed in.
+        canvas_h, canvas_w = max(r[4] for r in regions), max(r[5] for r in regions)
+        chunk = max(1, self.canvas_bytes // (3 * canvas_h * canvas_w * 4))
+        for start in range(0, len(images), chunk):
+            end = min(start + chunk, len(images))
+            canvas = torch.zeros(end - start, 3, canvas_h, canvas_w, device=self.device)
+            for i in range(start, end):
+                x0, y0, x1, y1, h, w = regions[i]
+                piece = images[i][:, y0:y1, x0:x1]
+                if (h, w) != (y1 - y0, x1 - x0):
+                    piece = F.interpolate(piece[None].float(), size=(h, w), mode="bilinear", antialias=True)[0]
+                canvas[i - start, :, :h, :w] = piece
+            # Samples near a piece's right or bottom edge interpolate with the next column or row, which is
+            # padding: repeat the edge there, as resizers do at an image border, rather than blend in black.
+            # (roi_align itself clamps at the canvas border and at the left and top.)
+            heights = torch.tensor([r[4] for r in regions[start:end]])
+            widths = torch.tensor([r[5] for r in regions[start:end]])
+            n = torch.arange(end - start)
+            short = widths < canvas_w
+            canvas[n[short], :, :, widths[short]] = canvas[n[short], :, :, widths[short] - 1]
+            short = heights < canvas_h
+            canvas[n[short], :, heights[short], :] = canvas[n[short], :, heights[short] - 1, :]
+            chunk_rois = torch.tensor([(i - start, *rois[i]) for i in range(start, end)], dtype=torch.float32,
+                                      device=self.device)
+            yield start, end, roi_align(canvas, chunk_rois, output_size=(size, size), spatial_scale=1.0,
+                                        sampling_ratio=-1, aligned=True)
 
-    def replace(self, out: torch.Tensor, batch: EncodedBatch, failed: list[int]) -> None:
-        if not batch.train:
+    def replace(self, out: torch.Tensor, labels: torch.Tensor, train: bool, failed: list[int],
+                skipped: list[str]) -> torch.Tensor:
+        """The labels after the images at `failed` are blanked (val) or replaced (training) in out."""
+        labels = labels.clone()
+        if not train:
             out[failed] = -self.normalize.mean * self.normalize.inv_std  # a black image, normalized
-            batch.labels[failed] = -1
-            return
-        usable = [i for i in range(len(batch.labels)) if i not in failed]
+            labels[failed] = -1
+            return labels
+        usable = [i for i in range(len(labels)) if i not in failed]
         if not usable:
-            raise RuntimeError("No image of this batch could be decoded:\n" + "\n".join(batch.skipped))
+            raise RuntimeError("No image of this batch could be decoded:\n" + "\n".join(skipped))
         for i in failed:
             source = next((u for u in usable if u > i), usable[0])
             out[i] = out[source]
-            batch.labels[i] = batch.labels[source]
+            labels[i] = labels[source]
+        return labels
+
+
+def model_batch(to_model_input, images, labels: torch.Tensor,
+                skipped: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """A loader's (images, labels, skipped) as the training loop uses them: the model's input on its device,
+    and the labels and skipped files that go with it. A route that decodes in the training process can find
+    a file unreadable there and exposes decode_batch to say so; the CPU path's data.Normalizer has nothing
+    to correct."""
+    decode_batch = getattr(to_model_input, "decode_batch", None)
+    if decode_batch is None:
+        return to_model_input(images), labels, skipped
+    return decode_batch(images, labels, skipped)

@@ -5,8 +5,11 @@ import json
 import shutil
 import subprocess
 import sys
+import time
+import warnings
 
 import pytest
+import torch
 from conftest import REPO
 from PIL import Image
 
@@ -68,3 +71,139 @@ def test_train_runs_train_pys_loop_and_relates_it_to_compute_only(bench_dir):
     no_val = subprocess.run([sys.executable, "benchmark.py", "train", "--data-dir", bench_dir / "train"], cwd=REPO,
                             capture_output=True, text=True)
     assert no_val.returncode == 2 and "has no train/ folder" in no_val.stderr and "Traceback" not in no_val.stderr
+
+
+def md_tables(text: str) -> list[list[list[str]]]:
+    """The markdown tables in text, each a list of rows of cells (separator rows included)."""
+    tables, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            assert line.endswith("|"), line
+            current.append([c.strip() for c in line[1:-1].replace("\\|", "\0").split("|")])
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what gpu-check does on a machine without a GPU")
+def test_gpu_check_without_a_gpu_runs_what_the_cpu_can_and_records_the_rest_as_skipped(tmp_path):
+    out = tmp_path / "check.jsonl"
+    command = ["gpu-check", "--images", 32, "--batch-size", 4, "--image-size", 32, "--steps", 2, "--minutes", 1,
+               "--workers", 1, "--loader-seconds", 1, "--out", out, "--json"]
+    result = subprocess.run([sys.executable, "benchmark.py", *map(str, command)], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert rows == [json.loads(line) for line in out.read_text().splitlines()]  # the file holds what was printed
+    env, *measured, summary = rows
+    assert env["what"] == "environment" and env["gpu"] is None and env["settings"]["minutes"] == 1
+    assert {"torch", "torchvision", "python", "cpus", "code", "command"} <= env.keys()
+    assert all(r["status"] == "ok" or r["status"] == "skipped" and r["reason"] for r in measured)
+    by = {what: [r for r in measured if r["what"] == what] for what in {r["what"] for r in measured}}
+
+    [data] = by["make-data"]
+    assert data["status"] == "ok" and data["images"] == 32 + 10 and data["train_images"] == 32
+
+    # Everything that needs a GPU is there, skipped, with the reason.
+    assert len(by["compute"]) == 2 * 2 * 3 * 2  # models x precisions x (32, 224, 176 px) x eager/compiled
+    assert {(r["model"], r["precision"], r["image_size"], r["compile"]) for r in by["compute"]} == {
+        (m, p, s, c) for m in ("project", "torchvision") for p in ("bf16", "fp16") for s in (32, 224, 176)
+        for c in (False, True)}
+    [sync] = by["sync-check"]
+    gpu_only = by["compute"] + [sync] + [r for r in by["loader"] + by["train"] if r.get("route", r.get("decode"))
+                                         in ("gpu", "dali")]
+    assert all(r["status"] == "skipped" and r["reason"] == "no CUDA device" for r in gpu_only)
+
+    # The CPU-capable routes were measured.
+    assert [(r["route"], r.get("gpu_decode_share")) for r in by["loader"]] == [
+        ("torchvision", None), ("cpu", None), ("dali", None), ("gpu", 0.25), ("gpu", 0.5), ("gpu", 1.0)]
+    assert all(r["img_s"] > 0 and r["workers"] == 1 for r in by["loader"][:2])
+    assert [(r["decode"], r.get("gpu_decode_share")) for r in by["train"]] == [
+        ("cpu", None), ("dali", None), ("gpu", 0.25), ("gpu", 0.5), ("gpu", 1.0)]
+    cpu_run = by["train"][0]
+    # 32 images, batch 4: a warm-up epoch, then one timed epoch of 8 steps covers --steps 2
+    assert cpu_run["status"] == "ok" and cpu_run["steps"] == 8 and cpu_run["precision"] == "fp32"
+    assert cpu_run["img_s"] > 0 and 0 <= cpu_run["data_wait_pct"] < 100
+    assert cpu_run["compute_only_img_s"] is None and cpu_run["ratio"] is None  # compute-only needs the GPU
+
+    assert summary["what"] == "summary" and summary["status"] == "ok" and summary["failed"] == 0
+    assert (summary["ok"], summary["skipped"]) == (4, len(measured) - 4)
+
+    # The markdown: beside the JSONL and at the end of stderr, a heading per section, tables of equal rows.
+    table = out.with_suffix(".md").read_text()
+    assert summary["markdown"] == str(out.with_suffix(".md")) and result.stderr.rstrip().endswith(table.rstrip())
+    assert table.startswith("## No GPU, ") and "`python benchmark.py gpu-check`" in table
+    assert [line for line in table.splitlines() if line.startswith("### ")] == [
+        "### Compute only", "### Input routes", "### train.py end to end", "### Sync check"]
+    assert "Not measured (no CUDA device): bf16 eager at 32 px, " in table  # a line, not 24 rows of "skipped"
+    loaders, runs, check = md_tables(table)
+    for rows_, columns in ((loaders, 3), (runs, 6), (check, 2)):
+        assert all(len(row) == columns for row in rows_) and set(rows_[1]) == {"---"}
+    assert loaders[0] == ["input route", "GPU decode share", "img/s"] and len(loaders) == 2 + 6
+    assert loaders[3] == ["`--decode cpu`", "", f"{by['loader'][1]['img_s']:.3g}"]
+    assert runs[2][:2] == ["`--decode cpu`", ""] and runs[2][4] == f"{cpu_run['data_wait_pct']:.0f}%"
+    assert runs[3] == ["`--decode dali`", "", "skipped: no CUDA device", "", "", ""]
+    assert check[2] == ["skipped: no CUDA device", ""]
+
+
+STEP_LOOP = '''
+import warnings
+
+
+def train_epoch(batches, log_every, sync):
+    for i, batch in enumerate(batches):
+        if batch == "reads a loss":
+            sync()
+        warnings.warn("an unrelated warning")
+        if (i + 1) % log_every:
+            continue
+        sync()  # the sync point
+    sync()  # after the loop
+'''
+
+
+def test_the_sync_check_counts_only_syncs_in_the_step_loops_per_step_code(tmp_path, monkeypatch):
+    """The attribution behind gpu-check's sync check, with warnings standing in for the ones torch's sync
+    debug mode raises: by the place in train_epoch, and none at its sync point or outside its loop."""
+    import importlib
+
+    import benchmark
+    import train
+
+    lines = benchmark.step_loop_lines(train.train_epoch)
+    source = {n: line for n, line in enumerate(open(train.__file__).read().splitlines(), 1)}
+    assert any("train_step(" in source[n] for n in lines) and any("accuracy_counts(" in source[n] for n in lines)
+    assert not any(".cpu()" in source[n] or "show_progress(" in source[n] or "save(" in source[n] for n in lines)
+
+    (tmp_path / "fake_train.py").write_text(STEP_LOOP)
+    monkeypatch.syspath_prepend(tmp_path)
+    fake = importlib.import_module("fake_train")
+    shown = []
+    syncs = benchmark.StepLoopSyncs(fake.train_epoch, lambda *args: shown.append(str(args[0])))
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = syncs
+        fake.train_epoch(["ok", "reads a loss", "ok", "reads a loss"], 2,
+                         lambda: warnings.warn(benchmark.SYNC_MESSAGE, stacklevel=2))
+    [(site, count)] = syncs.sites.items()
+    assert count == 2 and site.startswith("fake_train.py:8 sync() -> test_benchmark.py:")
+    assert shown == ["an unrelated warning"] * 4
+
+    def no_loop():
+        return 1
+    with pytest.raises(LookupError, match="cannot tell its per-step code from its sync points"):
+        benchmark.step_loop_lines(no_loop)
+
+
+def test_the_time_budget_passes_unused_time_on_to_later_sections():
+    import benchmark
+
+    budget = benchmark.Budget(10, {"a": 1, "b": 1, "c": 2})
+    start = time.monotonic()
+    left = budget.end - start
+    assert budget.deadline("a") - start == pytest.approx(left / 4, abs=0.5)
+    assert budget.deadline("not run") == pytest.approx(time.monotonic(), abs=0.5)  # no time for a skipped section
+    # b finished at once: c (2 of the remaining weight 3) gets two thirds of what is left, not half of the original.
+    assert budget.deadline("b") - start == pytest.approx(left / 3, abs=0.5)
+    assert budget.deadline("c") == budget.end

@@ -33,6 +33,7 @@ from gpu_decode import (
     EncodedImageFolderDataset,
     collate_encoded,
     is_complete_jpeg,
+    model_batch,
     on_device_route,
 )
 
@@ -105,8 +106,8 @@ def both_paths(cpu_set, encoded_set, items, decoder=None):
     """(CPU path batch, GPU-decode path batch) as the training loop sees them, normalized on the CPU."""
     cpu_images, cpu_labels, cpu_skipped = collate([cpu_set[item] for item in items])
     batch, labels, skipped = collate_encoded([encoded_set[item] for item in items])
-    images = (decoder or DeviceBatchDecoder(CPU))(batch)
-    return (Normalizer(CPU)(cpu_images), cpu_labels, cpu_skipped), (images, labels, skipped)
+    return (model_batch(Normalizer(CPU), cpu_images, cpu_labels, cpu_skipped),
+            model_batch(decoder or DeviceBatchDecoder(CPU), batch, labels, skipped))
 
 
 def per_image_error(a, b):
@@ -197,6 +198,57 @@ def test_odd_files_take_the_cpu_route_and_broken_ones_are_counted_like_the_cpu_p
     assert names(skipped) == names(cpu_skipped) and len(skipped) == 5
     assert torch.equal(images[:-1], expected[:-1])  # the odd files and the blanks, to the bit
     assert per_image_error(images[-1:], expected[-1:]).max() < IMAGE_TOLERANCE
+
+
+
+def test_decode_batch_returns_its_corrections_and_leaves_the_loaders_objects_alone(odd_dir):
+    _, encoded_val = datasets(odd_dir, train=False)
+    batch, labels, skipped = collate_encoded([encoded_val[(0, i)] for i in range(len(encoded_val))])
+    given_labels, given_skipped = labels.clone(), list(skipped)
+    decoder = DeviceBatchDecoder(CPU)
+    images, new_labels, new_skipped = model_batch(decoder, batch, labels, skipped)
+    assert torch.equal(labels, given_labels) and skipped == given_skipped  # the workers' verdicts, untouched
+    assert given_labels.tolist() == [0, 0, 0, -1, -1, -1, -1, 0, 0]  # the broken scan passes the workers
+    assert new_labels.tolist() == [0, 0, 0, -1, -1, -1, -1, -1, 0]  # ...and is blanked by the decoder
+    assert new_skipped[:len(skipped)] == skipped and names(new_skipped[len(skipped):]) == ["odd_h_broken_scan.JPEG"]
+    # The older interface: the same images, with the corrections written into the batch's own objects.
+    assert torch.equal(decoder(batch), images)
+    assert batch.labels is labels and torch.equal(labels, new_labels) and skipped == new_skipped
+    # The CPU path has nothing to correct: its labels and skipped pass through as they are.
+    cpu_images = torch.zeros(2, SIZE, SIZE, 3, dtype=torch.uint8)
+    x, cpu_labels, cpu_skipped = model_batch(Normalizer(CPU), cpu_images, given_labels, given_skipped)
+    assert torch.equal(x, Normalizer(CPU)(cpu_images)) and cpu_labels is given_labels and cpu_skipped is given_skipped
+
+
+def test_the_canvas_is_built_in_chunks_within_its_memory_budget_with_the_same_bits(photos_dir, odd_dir, monkeypatch):
+    import gpu_decode
+
+    canvases = []
+    real_roi_align = gpu_decode.roi_align
+
+    def recording_roi_align(canvas, *args, **kwargs):
+        canvases.append(canvas.shape)
+        return real_roi_align(canvas, *args, **kwargs)
+
+    monkeypatch.setattr(gpu_decode, "roi_align", recording_roi_align)
+    # Three epochs of photos (one over 1024 px), the same with every crop downscaled first, and a batch with
+    # a file that fails on the device and is replaced.
+    for root, max_side in ((photos_dir, 1024), (photos_dir, 128), (odd_dir, 1024)):
+        _, encoded_set = datasets(root, train=True)
+        items = [(epoch, i) for epoch in range(3) for i in range(len(encoded_set))]
+        batch, labels, skipped = collate_encoded([encoded_set[item] for item in items])
+        canvases.clear()
+        whole = DeviceBatchDecoder(CPU, max_side=max_side, canvas_bytes=2**40).decode_batch(batch, labels, skipped)
+        [(count, _, height, width)] = canvases
+        per_image = 3 * height * width * 4  # float32
+        for budget, chunk in ((1, 1), (2 * per_image + 1, 2), (5 * per_image, 5)):
+            canvases.clear()
+            decoder = DeviceBatchDecoder(CPU, max_side=max_side, canvas_bytes=budget)
+            images, new_labels, new_skipped = decoder.decode_batch(batch, labels, skipped)
+            assert torch.equal(images, whole[0]) and torch.equal(new_labels, whole[1]) and new_skipped == whole[2]
+            assert [c[0] for c in canvases] == [chunk] * (count // chunk) + [count % chunk] * (count % chunk > 0)
+            assert all(c[2:] == (height, width) and c.numel() * 4 <= max(budget, per_image) for c in canvases)
+    assert count < len(items)  # the odd batch: the files the workers decoded never reach the canvas
 
 
 def test_output_is_normalized_float_channels_last_at_the_epochs_size(odd_dir):
