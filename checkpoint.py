@@ -38,7 +38,14 @@ def fsync_dir(folder: Path) -> None:
 
 def write_synced(state: dict, path: Path) -> None:
     with open(path, "wb") as f:
-        torch.save(state, f)
+        try:
+            torch.save(state, f)
+        except RuntimeError as err:
+            # A disk that fills up inside torch.save fails its zip writer's cleanup too, and the RuntimeError of
+            # that cleanup hides the OSError that says what happened.
+            if isinstance(err.__context__, OSError):
+                raise err.__context__ from None
+            raise
         f.flush()
         os.fsync(f.fileno())
 

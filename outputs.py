@@ -131,24 +131,51 @@ def plot_history(history: list[dict], path: Path) -> None:
 
 
 class TrainingBoard:
-    """Live curves for TensorBoard in OUTPUT_DIR/tensorboard. The x axis counts training images, which mean the
-    same at any batch size or number of GPUs. A resumed run passes the position of its checkpoint: TensorBoard
-    then hides what a killed run wrote after it, so steps redone after a kill replace the lost ones instead of
-    doubling them. What was written at that very position (the sync point that saved, an epoch's val scores)
-    stays, as the resumed run does not write it again."""
+    """Live curves for TensorBoard in OUTPUT_DIR/tensorboard, one event file per process start. The x axis counts
+    training images, which mean the same at any batch size or number of GPUs. A resumed run marks the position
+    of its checkpoint as a restart: TensorBoard then hides what a killed run wrote after it, so steps redone
+    after a kill replace the lost ones instead of doubling them. What was written at that very position (the
+    sync point that saved, an epoch's val scores) stays, as the resumed run does not write it again.
+
+    Records are written synchronously through one open file: an error is raised here, where the run can
+    handle it, not in a writer thread."""
 
     def __init__(self, folder: Path, images_seen: int):
-        from torch.utils.tensorboard import SummaryWriter
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        from tensorboard.summary.writer.record_writer import RecordWriter
 
-        self.writer = SummaryWriter(str(folder), purge_step=images_seen + 1 if images_seen else None)
+        self.Event, self.Summary = Event, Summary
+        folder.mkdir(exist_ok=True)
+        # Unbuffered: each record reaches the file at once, so a kill loses nothing already shown, and closing
+        # after a failed write has nothing left to fail on.
+        self.file = open(folder / f"events.out.tfevents.{time.time():.0f}.{socket.gethostname()}.{os.getpid()}",
+                         "ab", buffering=0)
+        self.records = RecordWriter(self.file)
+        self.write(Event(wall_time=time.time(), step=images_seen, file_version="brain.Event:2"))
+        if images_seen:
+            self.write(Event(wall_time=time.time(), step=images_seen + 1,
+                             session_log=SessionLog(status=SessionLog.START)))
+        self.folder = folder
+
+    def write(self, event) -> None:
+        self.records.write(event.SerializeToString())
 
     def scalars(self, images_seen: int, values: dict) -> None:
-        for name, value in values.items():
-            self.writer.add_scalar(name, value, images_seen)
-        self.writer.flush()  # a few hundred bytes per sync point; a kill then loses nothing already shown
+        if self.file.closed:
+            return
+        summary = self.Summary(value=[self.Summary.Value(tag=name, simple_value=float(value))
+                                      for name, value in values.items()])
+        try:
+            self.write(self.Event(wall_time=time.time(), step=images_seen, summary=summary))
+        except OSError as err:
+            # The curves are a view of the run, not the run: a full disk or a lost folder ends them, and the
+            # next checkpoint save meets the same fault and stops the run with the whole explanation.
+            self.close()
+            log(f"Live curves stopped: could not write {self.folder} ({err}).")
 
     def close(self) -> None:
-        self.writer.close()
+        self.file.close()
 
 
 def open_board(enabled: bool, out: Path, images_seen: int) -> TrainingBoard | None:
@@ -156,6 +183,9 @@ def open_board(enabled: bool, out: Path, images_seen: int) -> TrainingBoard | No
         return None
     try:
         board = TrainingBoard(out / "tensorboard", images_seen)
+    except OSError as err:
+        log(f"No live curves: could not write {out / 'tensorboard'} ({err}).")
+        return None
     except ImportError:
         log("TensorBoard is not installed, so there are no live curves (pip install -r requirements.txt, or pass "
             "--no-tensorboard to silence this).")

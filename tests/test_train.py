@@ -145,7 +145,7 @@ def test_changed_settings_on_resume_are_announced_and_applied(digits_dir, tmp_pa
     assert run_train(*args, "--epochs", 1).returncode == 0
     result = run_train(*args, "--epochs", 2, "--lr", "0.1", "--batch-size", "48")
     assert result.returncode == 0, result.stderr
-    for line in ("epochs: 1 -> 2", "lr: 0.2 -> 0.1", "batch_size: 32 -> 48", "LR schedule is recomputed"):
+    for line in ("epochs: 1 -> 2", "lr: 1.6 -> 0.1", "batch_size: 32 -> 48", "LR schedule is recomputed"):
         assert line in result.stdout
     state = torch.load(out / LATEST, map_location="cpu", weights_only=True)
     assert state["config"]["lr"] == 0.1 and state["epoch"] == 2
