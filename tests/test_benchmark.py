@@ -168,10 +168,10 @@ def test_the_sync_check_counts_only_syncs_in_the_step_loops_per_step_code(tmp_pa
     debug mode raises: by the place in train_epoch, and none at its sync point or outside its loop."""
     import importlib
 
-    import benchmark
+    import gpu_check
     import train
 
-    lines = benchmark.step_loop_lines(train.train_epoch)
+    lines = gpu_check.step_loop_lines(train.train_epoch)
     source = {n: line for n, line in enumerate(open(train.__file__).read().splitlines(), 1)}
     assert any("train_step(" in source[n] for n in lines) and any("accuracy_counts(" in source[n] for n in lines)
     assert not any(".cpu()" in source[n] or "show_progress(" in source[n] or "save(" in source[n] for n in lines)
@@ -180,12 +180,12 @@ def test_the_sync_check_counts_only_syncs_in_the_step_loops_per_step_code(tmp_pa
     monkeypatch.syspath_prepend(tmp_path)
     fake = importlib.import_module("fake_train")
     shown = []
-    syncs = benchmark.StepLoopSyncs(fake.train_epoch, lambda *args: shown.append(str(args[0])))
+    syncs = gpu_check.StepLoopSyncs(fake.train_epoch, lambda *args: shown.append(str(args[0])))
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = syncs
         fake.train_epoch(["ok", "reads a loss", "ok", "reads a loss"], 2,
-                         lambda: warnings.warn(benchmark.SYNC_MESSAGE, stacklevel=2))
+                         lambda: warnings.warn(gpu_check.SYNC_MESSAGE, stacklevel=2))
     [(site, count)] = syncs.sites.items()
     assert count == 2 and site.startswith("fake_train.py:8 sync() -> test_benchmark.py:")
     assert shown == ["an unrelated warning"] * 4
@@ -193,13 +193,13 @@ def test_the_sync_check_counts_only_syncs_in_the_step_loops_per_step_code(tmp_pa
     def no_loop():
         return 1
     with pytest.raises(LookupError, match="cannot tell its per-step code from its sync points"):
-        benchmark.step_loop_lines(no_loop)
+        gpu_check.step_loop_lines(no_loop)
 
 
 def test_the_time_budget_passes_unused_time_on_to_later_sections():
-    import benchmark
+    import gpu_check
 
-    budget = benchmark.Budget(10, {"a": 1, "b": 1, "c": 2})
+    budget = gpu_check.Budget(10, {"a": 1, "b": 1, "c": 2})
     start = time.monotonic()
     left = budget.end - start
     assert budget.deadline("a") - start == pytest.approx(left / 4, abs=0.5)

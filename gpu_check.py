@@ -1,0 +1,546 @@
+"""`python benchmark.py gpu-check`: every measurement of benchmark.py on one rented GPU box within a time budget
+(8 minutes by default), written as JSON lines and as a markdown table ready for BENCHMARKS.md. benchmark.py
+parses its flags; this module holds the plan, the budget and the report.
+"""
+
+import argparse
+import ast
+import contextlib
+import datetime
+import importlib.util
+import inspect
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import torch
+
+from benchmark import (
+    MODELS,
+    REPO,
+    STOP_GRACE_SECONDS,
+    MeasurementFailed,
+    OutOfTime,
+    decode_routes,
+    environment,
+    reference_loader,
+    report,
+    run_until,
+    shares,
+    significant,
+    time_loader,
+    time_train_script,
+    time_train_steps,
+    write_dataset,
+)
+from config import Config
+from data import list_samples, usable_cores
+from dataset_paths import check_layout
+from engine import build_data
+from runtime import Runtime
+
+# Each section's weight in the time budget. Time a section leaves unused passes on to the later ones, and
+# torch.compile (about a minute per measurement, mostly compiling) comes last, to take what is left.
+SECTION_WEIGHTS = {"make-data": 0.12, "compute": 0.10, "loader": 0.15, "train": 0.38, "sync-check": 0.10,
+                   "compile": 0.15}
+GPU_ONLY_SECTIONS = {"compute", "sync-check", "compile"}
+NO_CUDA = "no CUDA device"
+
+
+def process_age() -> float:
+    """Seconds since this process started, imports included; 0 where /proc cannot tell."""
+    try:
+        started = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22, in ticks
+        return max(float(Path("/proc/uptime").read_text().split()[0]) - started / os.sysconf("SC_CLK_TCK"), 0.0)
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+class Budget:
+    """Deadlines, in time.monotonic(), for the sections of a run that must end within `minutes`."""
+
+    def __init__(self, minutes: float, weights: dict[str, float]):
+        # A subprocess stopped at its deadline may take STOP_GRACE_SECONDS more to save and exit.
+        self.end = time.monotonic() - process_age() + minutes * 60 - STOP_GRACE_SECONDS - 2
+        self.weights = dict(weights)
+
+    def deadline(self, section: str) -> float:
+        """The section's share of the time left, weighed against the sections still to come."""
+        weight = self.weights.pop(section, 0.0)
+        now = time.monotonic()
+        return now + max(self.end - now, 0.0) * (weight / (weight + sum(self.weights.values())) if weight else 0.0)
+
+
+def time_cap(section: str, deadline: float, estimate: float = 0.0) -> str | None:
+    left = deadline - time.monotonic()
+    if left <= max(estimate, 1.0):
+        return f"the {section} section's time cap: {max(left, 0):.0f} s left, about {estimate:.0f} s needed"
+    return None
+
+
+def route_unavailable(route: str, cuda: bool) -> str | None:
+    """Why an input route cannot be measured on this box, or None."""
+    if route in ("torchvision", "cpu"):
+        return None
+    if not cuda:
+        return NO_CUDA
+    if route not in decode_routes():
+        return f"train.py --decode has no {route} route in this version (it takes {', '.join(decode_routes())})"
+    if route == "dali":
+        try:
+            found = importlib.util.find_spec("nvidia.dali") is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            return "nvidia-dali is not installed (pip install nvidia-dali-cuda120)"
+    return None
+
+
+def one_gpu_env() -> dict:
+    """train.py would spread over every GPU; each measurement here uses one."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if torch.cuda.device_count() > 1:
+        env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+    return env
+
+
+def measure_loader(route: str, share: float | None, root: Path, args, device: torch.device, seconds: float) -> float:
+    """img/s of an input route until its batches are ready for the model on `device`, as train.py gets them."""
+    if route == "torchvision":
+        dl = reference_loader(root / "train", args.image_size, args.batch_size, args.workers)
+
+        def prepare(images):
+            return images.to(device, non_blocking=True)
+    else:
+        cfg = Config(data_dir=str(root), batch_size=args.batch_size, image_size=args.image_size, decode=route,
+                     gpu_decode_share=1.0 if share is None else share)
+        with contextlib.redirect_stdout(sys.stderr):  # the route's log line; stdout is for results
+            data = build_data(cfg, check_layout(root).classes, Runtime(device=device), args.workers, with_val=False)
+        dl, prepare = data.train_loader, data.to_model_input
+
+    def finish(images):
+        images = prepare(images)
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # a batch counts once the device has it
+        return images
+
+    return time_loader(dl, seconds, finish=finish)
+
+
+SYNC_MESSAGE = "called a synchronizing CUDA operation"
+
+
+def step_loop_lines(function) -> set[int]:
+    """Line numbers of a training loop's per-step code: the loop over batches, from its first line through
+    the `if ... log_every ...: continue` that lets all but every log_every-th step skip the sync point."""
+    source, first = inspect.getsourcelines(function)
+    for loop in ast.walk(ast.parse(textwrap.dedent("".join(source)))):
+        for statement in loop.body if isinstance(loop, ast.For) else []:
+            if (isinstance(statement, ast.If) and "log_every" in ast.unparse(statement.test)
+                    and any(isinstance(s, ast.Continue) for s in statement.body)):
+                return set(range(first + loop.lineno - 1, first + statement.end_lineno))
+    raise LookupError(f"{function.__qualname__} has no loop with an `if ... log_every ...: continue`, so the sync "
+                      f"check cannot tell its per-step code from its sync points")
+
+
+class StepLoopSyncs:
+    """A warnings.showwarning that counts, by place, the synchronizations torch's sync debug mode reports while
+    `function` (train.train_epoch) is in its per-step code; every other warning goes on to `show`."""
+
+    def __init__(self, function, show):
+        self.name, self.path = function.__name__, os.path.realpath(inspect.getsourcefile(function))
+        self.lines, self.show, self.sites = step_loop_lines(function), show, {}
+
+    def __call__(self, message, category, filename, lineno, file=None, line=None):
+        if SYNC_MESSAGE not in str(message):
+            return self.show(message, category, filename, lineno, file, line)
+        stack = [f for f in traceback.extract_stack()[:-1] if f.filename != warnings.__file__]
+        loop = [i for i, f in enumerate(stack) if f.name == self.name and os.path.realpath(f.filename) == self.path]
+        if loop and stack[loop[-1]].lineno in self.lines:  # else a sync point, or not the loop at all
+            site = " -> ".join(f"{Path(f.filename).name}:{f.lineno} {f.line}" for f in stack[loop[-1]:])
+            self.sites[site] = self.sites.get(site, 0) + 1
+
+
+def sync_check_child(result_path: str, argv: list[str]) -> int:
+    """train.main(argv) under torch.cuda.set_sync_debug_mode("warn"), writing to result_path every place in
+    train_epoch's per-step code where the host waited for the device. Warnings, not errors: the loop's
+    deliberate sync points, validation and checkpoints synchronize too, and go on as usual."""
+    import train
+
+    result = {"exit": None, "steps": 0, "sites": {}, "error": None}
+    try:
+        syncs = StepLoopSyncs(train.train_epoch, warnings.showwarning)
+    except LookupError as err:
+        result["error"] = str(err)
+        Path(result_path).write_text(json.dumps(result))
+        return 1
+    step = train.train_step
+
+    def counted_step(*args, **kwargs):
+        result["steps"] += 1
+        return step(*args, **kwargs)
+
+    warnings.showwarning, train.train_step, result["sites"] = syncs, counted_step, syncs.sites
+    warnings.filterwarnings("always", message=".*" + SYNC_MESSAGE)  # every occurrence, not the first per line
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        result["exit"] = train.main(argv)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        Path(result_path).write_text(json.dumps(result))
+    return result["exit"]
+
+
+def sync_check(root: Path, args, deadline: float) -> dict:
+    """One epoch of `python train.py --precision bf16 --decode cpu` (the defaults on a bf16 GPU), failing if its
+    step loop synchronizes the host anywhere but at its sync points. fp16 would: GradScaler.step reads its
+    found-inf flag on the host every step. So would --decode gpu: the decoder drains the stream before nvJPEG
+    runs (see gpu_decode.DeviceBatchDecoder.decode)."""
+    row = {"what": "sync-check", "precision": "bf16", "decode": "cpu", "log_every": Config.log_every}
+    with tempfile.TemporaryDirectory(prefix="sync-check-") as out:
+        result = Path(out) / "result.json"
+        command = [sys.executable, "-c", "import sys, gpu_check; sys.exit(gpu_check.sync_check_child(sys.argv[1], "
+                   "sys.argv[2:]))", str(result), "--data-dir", str(root), "--output-dir", str(Path(out) / "run"),
+                   "--epochs", "1", "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
+                   "--workers", str(args.workers), "--precision", "bf16", "--decode", "cpu"]
+        stopped = False
+        try:
+            code = run_until(command, deadline, stdout=sys.stderr, env=one_gpu_env(), cwd=REPO)
+        except OutOfTime:  # train.py saved and stopped at SIGTERM: the steps it ran were checked
+            code, stopped = None, True
+        found = json.loads(result.read_text()) if result.exists() else None
+    if found and found["error"]:
+        return {**row, "status": "failed", "reason": found["error"]}
+    if not (found and found["steps"]):
+        if stopped:
+            return {**row, "status": "skipped", "reason": "the sync-check section's time cap, before the first step"}
+        return {**row, "status": "failed", "reason": f"train.py under the sync check ran no step (exit status {code})"}
+    row.update(steps=found["steps"], syncs=sum(found["sites"].values()), sites=found["sites"])
+    if found["sites"]:
+        return {**row, "status": "failed", "reason": "the step loop synchronizes between sync points"}
+    if code or found["exit"]:
+        return {**row, "status": "failed", "reason": f"train.py failed (exit status {code})"}
+    return {**row, "status": "ok", **({"note": "stopped at its time cap"} if stopped else {})}
+
+
+def default_out() -> Path:
+    stem = REPO / "measurements" / f"gpu-check-{datetime.date.today().isoformat()}"
+    path, n = stem.with_suffix(".jsonl"), 2
+    while path.exists():  # a second run the same day keeps the first one's file
+        path, n = stem.with_name(f"{stem.name}-{n}.jsonl"), n + 1
+    return path
+
+
+def code_version() -> str | None:
+    """The commit measured (with -dirty for local changes), so a figure can be traced to its code."""
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):  # no git, or not a checkout
+        return None
+
+
+def compute_settings(model: str, precision: str, size: int, compiled: bool, batch_size: int) -> dict:
+    return dict(what="compute", model=model, precision=precision, compile=compiled, image_size=size,
+                batch_size=batch_size, channels_last=True)
+
+
+class GpuCheck:
+    """One run of gpu-check: its sections share the rows measured so far, the time budget and the JSONL file."""
+
+    def __init__(self, args, out):
+        self.args, self.out, self.rows = args, out, []
+        self.cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda" if self.cuda else "cpu")
+        self.budget = Budget(args.minutes, {k: w for k, w in SECTION_WEIGHTS.items()
+                                            if self.cuda or k not in GPU_ONLY_SECTIONS})
+        self.no_data = "no data: make-data did not run"
+        sizes = list(dict.fromkeys([args.image_size, *args.compute_sizes]))
+        self.grid = [(p, s, m) for p in ("bf16", "fp16") for s in sizes for m in MODELS]
+        self.routes = [("torchvision", None), ("cpu", None), ("dali", None),
+                       *(("gpu", share) for share in args.gpu_decode_shares)]
+
+    def record(self, **row) -> dict:
+        self.rows.append(report(self.args, **row))
+        self.out.write(json.dumps(row) + "\n")
+        self.out.flush()  # what was measured survives a kill
+        return row
+
+    def failed(self, err: Exception, **row) -> dict:
+        traceback.print_exc()  # the whole story on stderr; the row carries its last line
+        return self.record(**row, status="failed", reason=f"{type(err).__name__}: {err}")
+
+    def precision_unavailable(self, precision: str) -> str | None:
+        if not self.cuda:
+            return NO_CUDA
+        return "no bf16 on this GPU" if precision == "bf16" and not torch.cuda.is_bf16_supported() else None
+
+    def make_data(self, root: Path) -> None:
+        """The JPEGs every input route reads."""
+        args = self.args
+        row = write_dataset(root, args.images, args.classes, self.budget.deadline("make-data"))
+        del row["out"]  # a temporary folder
+        row["train_images"] = len(list_samples(root / "train", check_layout(root).classes)[1])
+        if row["train_images"] < args.batch_size:
+            self.record(**row, status="failed", reason=f"{row['train_images']} train images written before the "
+                                                       f"time cap, fewer than one batch")
+            self.no_data = "no data: make-data wrote fewer images than one batch"
+        else:
+            self.record(**row, status="ok")
+            self.no_data = None
+
+    def compute(self) -> None:
+        """Compute only, eager, in this process: each measurement takes seconds."""
+        deadline, estimate = self.budget.deadline("compute"), 0.0
+        for precision, size, model in self.grid:
+            settings = compute_settings(model, precision, size, False, self.args.batch_size)
+            reason = self.precision_unavailable(precision) or time_cap("compute", deadline, estimate)
+            if reason:
+                self.record(**settings, status="skipped", reason=reason)
+                continue
+            begun = time.monotonic()
+            step_args = argparse.Namespace(precision=precision, compile=False, batch_size=self.args.batch_size,
+                                           image_size=size, channels_last=True, warmup=self.args.warmup)
+            try:
+                img_s = time_train_steps(MODELS[model](), step_args, self.device, self.args.compute_steps)
+            except Exception as err:  # recorded; the exit status says so
+                self.failed(err, **settings)
+                continue
+            estimate = time.monotonic() - begun
+            self.record(**settings, status="ok", img_s=significant(img_s),
+                        ms_step=round(1000 * self.args.batch_size / img_s, 2))
+
+    def compile(self) -> None:
+        """Compute only under torch.compile, each measurement in its own process: compiling takes about a
+        minute, and a process can be stopped at the deadline."""
+        args = self.args
+        deadline, estimate = self.budget.deadline("compile"), 0.0
+        for precision, size, model in self.grid:
+            settings = compute_settings(model, precision, size, True, args.batch_size)
+            reason = self.precision_unavailable(precision) or time_cap("compile", deadline, estimate)
+            if reason:
+                self.record(**settings, status="skipped", reason=reason)
+                continue
+            begun = time.monotonic()
+            command = [sys.executable, str(REPO / "benchmark.py"), "compute", "--json", "--compile", "--rounds",
+                       "1", "--models", model, "--precision", precision, "--image-size", str(size),
+                       "--batch-size", str(args.batch_size), "--steps", str(args.compute_steps), "--warmup",
+                       str(args.warmup)]
+            with tempfile.TemporaryFile("w+") as results:
+                try:
+                    code = run_until(command, deadline, stdout=results, env=one_gpu_env())
+                except OutOfTime:
+                    self.record(**settings, status="skipped",
+                                reason="the compile section's time cap, before it finished")
+                    continue
+                results.seek(0)
+                rows = [json.loads(line) for line in results if line.startswith("{")]
+            measured = [row for row in rows if row["what"] == "compute"]
+            if code or not measured:
+                self.record(**settings, status="failed", reason=f"benchmark.py compute --compile failed (exit status "
+                                                                 f"{code}; its error is above)")
+                continue
+            estimate = time.monotonic() - begun
+            self.record(**settings, status="ok", img_s=measured[0]["img_s"], ms_step=measured[0]["ms_step"],
+                        seconds_with_compilation=round(estimate, 1))
+
+    def loaders(self, root: Path) -> None:
+        """Each input route alone: batches ready on the device."""
+        args = self.args
+        deadline, estimate = self.budget.deadline("loader"), 0.0
+        for route, share in self.routes:
+            settings = dict(what="loader", route=route, **({} if share is None else {"gpu_decode_share": share}),
+                            workers=args.workers, batch_size=args.batch_size, image_size=args.image_size)
+            reason = self.no_data or route_unavailable(route, self.cuda) or time_cap("loader", deadline, estimate)
+            if reason:
+                self.record(**settings, status="skipped", reason=reason)
+                continue
+            begun = time.monotonic()
+            seconds = max(min(args.loader_seconds, (deadline - begun) / 2), 0.5)  # the rest: workers starting
+            try:
+                img_s = measure_loader(route, share, root, args, self.device, seconds)
+            except Exception as err:  # recorded; the exit status says so
+                self.failed(err, **settings)
+                continue
+            estimate = time.monotonic() - begun
+            self.record(**settings, status="ok", img_s=significant(img_s))
+
+    def train_runs(self, root: Path) -> None:
+        """train.py end to end on each of its input routes, related to compute-only."""
+        args = self.args
+        compute_only = {(r["precision"], r["image_size"]): r["img_s"] for r in self.rows if r["what"] == "compute"
+                        and r["status"] == "ok" and r["model"] == "project" and not r["compile"]}
+        deadline, estimate = self.budget.deadline("train"), 0.0
+        for route, share in self.routes[1:]:
+            settings = dict(what="train", decode=route, **({} if share is None else {"gpu_decode_share": share}))
+            reason = self.no_data or route_unavailable(route, self.cuda) or time_cap("train", deadline, estimate)
+            if reason:
+                self.record(**settings, status="skipped", reason=reason)
+                continue
+            begun = time.monotonic()
+            run_args = argparse.Namespace(data_dir=root, steps=args.steps, batch_size=args.batch_size,
+                                          image_size=args.image_size, workers=args.workers, precision="auto",
+                                          compile=False, decode=route)
+            try:
+                row = time_train_script(run_args, 1.0 if share is None else share, deadline)
+            except OutOfTime:
+                self.record(**settings, status="skipped", reason="the train section's time cap, before train.py "
+                                                                 "finished")
+                continue
+            except MeasurementFailed as err:
+                self.record(**settings, status="failed", reason=str(err))
+                continue
+            estimate = time.monotonic() - begun
+            reference = compute_only.get((row["precision"], args.image_size))
+            self.record(**{**row, **settings}, status="ok", compute_only_img_s=reference,
+                        ratio=reference and round(row["img_s"] / reference, 3),
+                        steady_ratio=reference and round(row["steady_img_s"] / reference, 3))
+
+    def sync(self, root: Path) -> None:
+        deadline = self.budget.deadline("sync-check")
+        reason = self.precision_unavailable("bf16") or self.no_data or time_cap("sync-check", deadline)
+        if reason:
+            self.record(what="sync-check", status="skipped", reason=reason)
+        else:
+            self.record(**sync_check(root, self.args, deadline))
+
+
+def gpu_check(args) -> int:
+    """Every measurement of this file on one box, within --minutes, to a JSONL file and a markdown table."""
+    torch.backends.cudnn.benchmark = True
+    started = time.monotonic() - process_age()
+    jsonl = args.out or default_out()
+    jsonl.parent.mkdir(parents=True, exist_ok=True)
+    with open(jsonl, "w") as out, tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
+        check, root = GpuCheck(args, out), Path(tmp) / "data"
+        check.record(**environment(), code=code_version(), command=" ".join(sys.argv),
+                     settings={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
+        try:
+            check.make_data(root)
+            check.compute()
+            check.loaders(root)
+            if torch.cuda.is_available():  # train.py and the compiled runs need the memory this process cached
+                torch.cuda.empty_cache()
+            check.train_runs(root)
+            check.sync(root)
+            check.compile()  # last: it takes whatever time is left
+        finally:  # a Ctrl-C too leaves the rows so far, and their table
+            seconds = time.monotonic() - started
+            table = markdown(check.rows, jsonl, seconds)
+            counts = {s: sum(r.get("status") == s for r in check.rows[1:]) for s in ("ok", "skipped", "failed")}
+            check.record(what="summary", status="failed" if counts["failed"] else "ok", seconds=round(seconds),
+                         minutes=args.minutes, **counts, jsonl=str(jsonl), markdown=str(jsonl.with_suffix(".md")))
+            jsonl.with_suffix(".md").write_text(table)
+            print("\n" + table, file=sys.stderr)
+    return 1 if counts["failed"] else 0
+
+
+ROUTE_NAMES = {"torchvision": "torchvision reference (ImageFolder + PIL)", "cpu": "`--decode cpu`",
+               "gpu": "`--decode gpu`", "dali": "`--decode dali`"}
+
+
+def number(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def md_table(header: list[str], lines: list[list[str]]) -> list[str]:
+    def cells(values):
+        return "| " + " | ".join(str(v).replace("|", "\\|") for v in values) + " |"
+    return [cells(header), "|" + "---|" * len(header), *map(cells, lines), ""]
+
+
+def outcome(row: dict, columns: int, measured) -> list[str]:
+    """The measured cells of a row, or its status and reason in the first of them."""
+    if row["status"] == "ok":
+        return measured(row)
+    return [f"{row['status']}: {row['reason']}"] + [""] * (columns - 1)
+
+
+def markdown(rows: list[dict], jsonl: Path, seconds: float) -> str:
+    """The run as BENCHMARKS.md presents a box: a heading naming it, what was run, a table per section."""
+    env, settings = rows[0], rows[0]["settings"]
+    of = {what: [r for r in rows if r["what"] == what] for what in ("make-data", "compute", "loader", "train",
+                                                                   "sync-check")}
+    counts = {s: sum(r.get("status") == s for r in rows[1:]) for s in ("ok", "skipped", "failed")}
+    data = next((r for r in of["make-data"] if r["status"] == "ok"), None)
+    shown = jsonl.relative_to(REPO) if jsonl.is_relative_to(REPO) else jsonl
+    lines = [f"## {env['gpu'] or 'No GPU'}, {env['cpus']} CPU cores ({datetime.date.today().isoformat()}): "
+             f"`python benchmark.py gpu-check`", "",
+             f"torch {env['torch']}, torchvision {env['torchvision']}, Python {env['python']}, code "
+             f"`{env['code']}`. Batch {settings['batch_size']}; "
+             + (f"{data['images']:,} generated JPEGs (mean {data['mean_kb']} KB, {data['train_images']:,} of them "
+                f"train) in {settings['classes']} classes; " if data else "no generated data; ")
+             + f"loader workers: {settings['workers']}. {counts['ok']} measurements, {counts['skipped']} skipped, "
+             f"{counts['failed']} failed, in {seconds:.0f} s of a {settings['minutes']:g}-minute budget; one run "
+             f"each. Raw rows: `{shown}`.", "",
+             "### Compute only", "",
+             f"train.py's step (`engine.train_step`) on a synthetic batch resident on the GPU, channels_last; "
+             f"{settings['warmup']} warm-up and {settings['compute_steps']} timed steps.", ""]
+    measured = [r for r in of["compute"] if r["status"] != "skipped"]
+    lines += md_table(["model", "precision", "compile", "px", "img/s", "ms/step"], [
+        ["`model.resnet50`" if r["model"] == "project" else "`torchvision.models.resnet50`", r["precision"],
+         "yes" if r["compile"] else "no", r["image_size"],
+         *outcome(r, 2, lambda r: [number(r["img_s"]), f"{r['ms_step']:.1f}"])] for r in measured]) if measured else []
+    skipped: dict[str, dict[str, None]] = {}  # reason: settings, in the order measured
+    for r in of["compute"]:
+        if r["status"] == "skipped":  # a whole grid of them without a GPU: one line per reason, not a row each
+            skipped.setdefault(r["reason"].split(":")[0], {}).setdefault(
+                f"{r['precision']} {'compiled' if r['compile'] else 'eager'} at {r['image_size']} px")
+    lines += [f"Not measured ({reason}): {', '.join(what)}." for reason, what in skipped.items()]
+    lines += ["", "### Input routes", "",
+              f"Each route alone, {settings['image_size']} px: images per second until a batch is ready on the "
+              f"device, {settings['loader_seconds']:g} s each after 3 warm-up batches.", ""]
+    lines += md_table(["input route", "GPU decode share", "img/s"], [
+        [ROUTE_NAMES[r["route"]], r.get("gpu_decode_share", ""), *outcome(r, 1, lambda r: [number(r["img_s"])])]
+        for r in of["loader"]])
+    lines += ["### train.py end to end", "",
+              f"`python train.py` on the same JPEGs, {settings['image_size']} px, its default precision, no compile: a "
+              f"warm-up epoch, then whole epochs covering {settings['steps']} steps. Steady leaves out each epoch's "
+              f"first batch (loader start-up); the ratio is to compute-only in the same precision and size.", ""]
+    lines += md_table(["input route", "GPU decode share", "img/s", "steady img/s", "waiting for data",
+                       "steady / compute-only"], [
+        [ROUTE_NAMES[r["decode"]], r.get("gpu_decode_share", ""), *outcome(r, 4, lambda r: [
+            number(r["img_s"]), number(r["steady_img_s"]), f"{r['data_wait_pct']:.0f}%",
+            "" if r["steady_ratio"] is None else f"{r['steady_ratio']:.2f}x"])] for r in of["train"]])
+    lines += ["### Sync check", "",
+              "One epoch of train.py (bf16, `--decode cpu`) under `torch.cuda.set_sync_debug_mode(\"warn\")`: does "
+              "its step loop make the host wait for the GPU anywhere but at its sync points?", ""]
+    lines += md_table(["result", "where"], [
+        [f"{r['status']}: no sync in {r['steps']} steps" if r["status"] == "ok" else
+         f"{r['status']}: {r['reason']}" + (f" ({r['syncs']} in {r['steps']} steps)" if r.get("sites") else ""),
+         "; ".join(f"{n} x {site}" for site, n in r.get("sites", {}).items())] for r in of["sync-check"]])
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="also print each JSON line on stdout")
+    parser.add_argument("--out", type=Path, help="the JSON lines file (default: measurements/gpu-check-<date>.jsonl)")
+    parser.add_argument("--minutes", type=float, default=8, help="stop, and write what was measured, before this")
+    parser.add_argument("--images", type=int, default=20_000, help="train JPEGs to generate (and a tenth for val)")
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--image-size", type=int, default=224, help="of the input routes and train.py runs")
+    parser.add_argument("--compute-sizes", type=pixel_sizes, default=[224, 176],
+                        help="compute-only sizes, besides --image-size")
+    parser.add_argument("--steps", type=int, default=50, help="train.py: timed steps (whole epochs), after a "
+                                                               "warm-up epoch")
+    parser.add_argument("--compute-steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=10, help="compute-only: untimed steps first")
+    parser.add_argument("--workers", type=int, default=max(1, usable_cores() - 1))
+    parser.add_argument("--loader-seconds", type=float, default=8, help="per input route")
+    parser.add_argument("--gpu-decode-shares", type=shares, default=[0.25, 0.5, 1.0],
+                        help="--decode gpu is measured at each of these --gpu-decode-share values")
+
+
+def pixel_sizes(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected image sizes in pixels separated by commas, got {text!r}") from None
