@@ -67,8 +67,8 @@ def slice_and_roi(box: tuple[float, float, float, float]) -> tuple[list[int], li
 class DaliBatchDecoder(DeviceBatchDecoder):
     """EncodedBatch -> normalized float NCHW batch on `device` (channels_last), the contract of
     DeviceBatchDecoder, whose handling of undecodable files it shares: a file DALI rejects is decoded by PIL
-    on the CPU (with a warning); one that fails there too is reported in batch.skipped and replaced (training) or
-    blanked and labelled -1 (val), in place. Call it before moving the labels to the device or reading skipped.
+    on the CPU (with a warning); one that fails there too is reported in skipped and replaced (training) or
+    blanked and labelled -1 (val); decode_batch returns the corrected labels and skipped list.
 
     DALI decodes only each crop window's pixels, resizes the window to the batch's size with an antialiased
     linear filter (the CPU path's PIL filter), mirrors and normalizes. A pipeline that met an undecodable file
@@ -86,34 +86,39 @@ class DaliBatchDecoder(DeviceBatchDecoder):
         # that waits for the copy. CUDA only.
         self.copied: torch.cuda.Event | None = None
 
-    def __call__(self, batch: EncodedBatch) -> torch.Tensor:
+    def decode_batch(self, batch: EncodedBatch, labels: torch.Tensor,
+                     skipped: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """DeviceBatchDecoder's contract: (images, labels, skipped), the loader's labels and skipped left as
+        they are; calling the decoder (the parent's __call__) writes the corrections into the batch instead."""
         size = batch.image_size
-        out = torch.empty(len(batch.labels), 3, size, size, device=self.device, memory_format=torch.channels_last)
+        out = torch.empty(len(labels), 3, size, size, device=self.device, memory_format=torch.channels_last)
         if len(batch.decoded):
             out[batch.decoded_positions.to(self.device)] = self.normalize(batch.decoded)
         if not batch.lengths:
-            return out
+            return out, labels, skipped
         files = [data.numpy() for data in batch.encoded()]
         boxes = [tuple(box) for box in batch.boxes.tolist()]
         flips = batch.flips.tolist()
+        unreadable: list[str] = []
         try:
             crops, good = self.run(files, boxes, flips, size), list(range(len(files)))
         except torch.OutOfMemoryError:
             raise
         except RuntimeError:  # DALI does not say which file failed: decode them one by one to find out
-            crops, good = self.decode_one_by_one(files, boxes, flips, size, batch)
+            crops, good = self.decode_one_by_one(files, boxes, flips, size, batch.paths, unreadable)
         if good:
             out[batch.positions[good].to(self.device)] = crops.permute(0, 3, 1, 2)
         failed = [int(batch.positions[i]) for i in range(len(files)) if i not in good]
         if failed:
-            self.replace(out, batch, failed)
-        return out
+            skipped = skipped + unreadable
+            labels = self.replace(out, labels, batch.train, failed, skipped)
+        return out, labels, skipped
 
-    def decode_one_by_one(self, files, boxes, flips, size, batch):
+    def decode_one_by_one(self, files, boxes, flips, size, paths, unreadable: list[str]):
         """(NHWC crops of the files that decode, their indices in the batch's files), after a batch DALI could
-        not decode. A file DALI rejects is given to PIL, and reported in batch.skipped if PIL rejects it too."""
+        not decode. A file DALI rejects is given to PIL, and added to `unreadable` if PIL rejects it too."""
         crops, good = [], []
-        for i, (data, box, flip, path) in enumerate(zip(files, boxes, flips, batch.paths, strict=True)):
+        for i, (data, box, flip, path) in enumerate(zip(files, boxes, flips, paths, strict=True)):
             try:
                 crops.append(self.run([data], [box], [flip], size))
             except torch.OutOfMemoryError:
@@ -122,7 +127,7 @@ class DaliBatchDecoder(DeviceBatchDecoder):
                 try:
                     crops.append(self.decode_with_pil(data, box, flip, size))
                 except BAD_IMAGE_ERRORS as err:
-                    batch.skipped.append(f"{path} ({type(err).__name__}: {err})")
+                    unreadable.append(f"{path} ({type(err).__name__}: {err})")
                     continue
                 warnings.warn(f"DALI could not decode {path}; decoded it with PIL on the CPU", RuntimeWarning,
                               stacklevel=3)

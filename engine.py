@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from config import Config, UsageError
 from dali_decode import DaliBatchDecoder, dali_missing
 from data import ImageFolderDataset, Normalizer, TrainBatchSampler, ValBatchSampler, collate, make_loader, usable_cores
-from gpu_decode import DeviceBatchDecoder, EncodedImageFolderDataset, collate_encoded
+from gpu_decode import DeviceBatchDecoder, EncodedImageFolderDataset, collate_encoded, model_batch
 from model import ARCHITECTURES
 from recipes import WeightAverage, parameter_groups
 from runtime import AMP_DTYPES, Runtime, all_reduce, log, resolve_precision
@@ -134,7 +134,8 @@ def evaluate_models(models: list[torch.nn.Module], loader, to_model_input, amp_d
         model.eval()
     sums = torch.zeros(len(models), 5, dtype=torch.float64, device=device)
     for images, labels, skipped in loader:
-        x = to_model_input(images)  # first: decoding on the device may blank images and relabel them -1
+        # Decoding on the device may find a file unreadable: then it blanks the image and labels it -1.
+        x, labels, skipped = model_batch(to_model_input, images, labels, skipped)
         labels = labels.to(device, non_blocking=True)
         for line in skipped:
             log(f"Skipped an unreadable val image: {line}")
@@ -224,8 +225,7 @@ def input_pipeline(decode: str, device: torch.device, gpu_decode_share: float):
     route, why = decode_route(decode, device)
     log(why)
     if route in ("gpu", "dali"):
-        # The device decoder corrects labels in place (an undecodable file), which pinned copies would not
-        # show; file bytes gain nothing from pinning anyway.
+        # File bytes gain nothing from pinning: the decoder copies them to the device itself.
         return (partial(EncodedImageFolderDataset, device_share=gpu_decode_share), collate_encoded, False,
                 DeviceBatchDecoder(device) if route == "gpu" else DaliBatchDecoder(device))
     return ImageFolderDataset, collate, device.type == "cuda", Normalizer(device)

@@ -27,6 +27,7 @@ from config import EXIT_BAD_INPUT, Config, UsageError, add_config_argument, conf
 from data import make_demo_dataset
 from dataset_paths import DEMO_DATA_DIR, DEMO_OUTPUT_DIR, REPO_DIR, DatasetLayoutError, check_layout
 from engine import build_data, build_model, build_training, split_cores, train_step
+from gpu_decode import model_batch
 from runtime import Runtime, resolve_device
 
 DEFAULT_OUTPUT_DIR = REPO_DIR / "runs" / "lr_finder"
@@ -197,7 +198,8 @@ def run_sweep(cfg: Config, sweep: argparse.Namespace, classes: list[str], device
     smoother, bar = SmoothedLoss(sweep.smoothing), tqdm(total=sweep.num_iter, unit="step", file=sys.stdout)
     training.raw_model.train()
     for step, (lr, (images, labels, skipped)) in enumerate(zip(lrs, batches(), strict=False)):
-        x = data.to_model_input(images)  # first: decoding on the device may replace images, labels and skipped
+        # Decoding on the device may find a file unreadable: then it replaces the image, its label and skipped.
+        x, labels, skipped = model_batch(data.to_model_input, images, labels, skipped)
         for line in skipped:
             tqdm.write(f"Skipped an unreadable training image: {line}")
         loss, _ = train_step(training, x, labels.to(device, non_blocking=True), lr, step)

@@ -32,6 +32,7 @@ from checkpoint import CheckpointError, load_latest_checkpoint, remove_stale_tem
 from config import EXIT_BAD_INPUT, EXIT_NON_FINITE, Config, UsageError, parse_args, resumed_config
 from data import DataVanishedError, make_demo_dataset
 from dataset_paths import DEMO_DATA_DIR, DatasetLayoutError, check_layout
+from gpu_decode import model_batch
 from recipes import WeightAverage, learning_rate, parameter_groups, peak_lr
 from runtime import Runtime, all_reduce, launch_one_process_per_gpu, log, resolve_device, setup_distributed
 
@@ -233,7 +234,8 @@ def train_epoch(run: Run) -> EpochResult:
     waiting = engine.LoaderWait(data.train_loader)
     epoch_sums = last_sums = run.carried
     for i, (batch, labels, skipped) in enumerate(waiting):
-        x = data.to_model_input(batch)  # first: decoding on the device may replace images, labels and skipped
+        # Decoding on the device may find a file unreadable: then it replaces the image, its label and skipped.
+        x, labels, skipped = model_batch(data.to_model_input, batch, labels, skipped)
         labels = labels.to(device, non_blocking=True)
         for line in skipped:
             log(f"Skipped an unreadable training image: {line}")
