@@ -1,3 +1,4 @@
+import os
 import shutil
 
 import numpy as np
@@ -7,13 +8,17 @@ from conftest import add_odd_images
 from PIL import Image
 from sklearn.datasets import load_sample_image
 
+import data
 from data import (
+    BAD_IMAGE_ERRORS,
     ImageFolderDataset,
     TrainBatchSampler,
     ValBatchSampler,
     center_crop_box,
     collate,
+    decode_crop,
     decode_region,
+    decode_region_pil,
     make_loader,
     random_resized_crop_box,
     sample_rng,
@@ -75,14 +80,108 @@ def test_random_resized_crop_boxes_stay_inside_and_follow_the_scale_range():
     assert 0.4 < np.mean(fractions) < 0.6  # uniform in [0.08, 1] has mean 0.54; rejections shift it a little
 
 
-def test_reduced_size_decode_matches_full_decode_then_resize(tmp_path):
-    photo = tmp_path / "china.jpg"
-    Image.fromarray(load_sample_image("china.jpg")).save(photo, quality=90)  # a real 640x427 photograph
-    box = (100, 50, 400, 300)
-    fast = np.asarray(decode_region(bytes(photo), lambda w, h: box, 64), dtype=np.float32)
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    """A real photograph, scikit-learn's 640x427 china.jpg, saved as a JPEG."""
+    path = tmp_path_factory.mktemp("photo") / "china.JPEG"
+    Image.fromarray(load_sample_image("china.jpg")).save(path, quality=90)
+    return path
+
+
+def mean_diff(a, b) -> float:
+    return float(np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)).mean())
+
+
+def pil_resize(photo, box, size):
+    """PIL's full decode and BILINEAR resize of the box: torchvision's RandomResizedCrop pixels."""
+    left, top, w, h = box
     with Image.open(photo) as img:
-        full = img.convert("RGB").resize((64, 64), Image.Resampling.BILINEAR, box=(100, 50, 500, 350))
-    assert np.abs(fast - np.asarray(full, dtype=np.float32)).mean() < 3.0
+        return img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+
+
+def moved(box, dx):
+    left, top, w, h = box
+    return (left + dx if left + dx + w <= 640 else left - dx), top, w, h
+
+
+@pytest.mark.parametrize("size", [64, 224])
+def test_the_libjpeg_turbo_path_crops_like_pil_within_2_grey_levels(photo, size):
+    boxes = [random_resized_crop_box(sample_rng(0, 0, i), 640, 427, 0.08) for i in range(24)]
+    boxes.append(center_crop_box(640, 427, size))  # fractional edges
+    diffs, moved_diffs = [], []
+    for box in boxes:
+        calls = []
+        fast = decode_crop(os.fsencode(photo), lambda w, h, box=box, calls=calls: calls.append((w, h)) or box,
+                           size)
+        assert calls == [(640, 427)] and fast.shape == (size, size, 3) and fast.dtype == np.uint8
+        reference = np.asarray(pil_resize(photo, box, size))
+        diffs.append(mean_diff(fast, reference))
+        if size == 224:  # no reduced-size decode applies to these crops at 224: the PIL path is PIL's resize itself
+            pil = decode_region_pil(os.fsencode(photo), lambda w, h, box=box: box, size)
+            assert np.array_equal(np.asarray(pil), reference)
+        # What a wrong geometry looks like: the same box 3 pixels to the side, for the bound to mean something.
+        moved_diffs.append(mean_diff(fast, pil_resize(photo, moved(box, 3), size)))
+    assert max(diffs) < 2.0 and np.mean(diffs) < 1.0  # measured: max 1.5, mean 0.78 at 224; 0.74, 0.43 at 64
+    assert np.mean(moved_diffs) > 3 * np.mean(diffs)
+
+
+def extraneous_bytes_jpeg(path):
+    """A JPEG that libjpeg-turbo reads with a warning, which simplejpeg treats as an error, and PIL decodes."""
+    data = path.read_bytes()
+    return data[:-2] + b"\x00\x01" + data[-2:]
+
+
+def test_files_libjpeg_turbo_refuses_get_the_pil_paths_pixels_or_error(odd_images_dir, photo, monkeypatch):
+    folder = odd_images_dir / "train" / "n000"
+    (folder / "odd_g_extraneous.JPEG").write_bytes(extraneous_bytes_jpeg(photo))
+    pil_calls = []
+
+    def counting_pil(path, box_fn, size):
+        pil_calls.append(os.path.basename(os.fsdecode(path)))
+        return decode_region_pil(path, box_fn, size)
+
+    monkeypatch.setattr(data, "decode_region_pil", counting_pil)
+    for file in [*sorted(folder.iterdir()), folder / "z_missing.JPEG"]:  # missing: a vanished volume
+        path, box_fn = os.fsencode(file), lambda w, h: center_crop_box(w, h, 32)
+        try:
+            expected = np.asarray(decode_region_pil(path, box_fn, 32))
+        except BAD_IMAGE_ERRORS as err:
+            with pytest.raises(type(err)) as raised:
+                decode_crop(path, box_fn, 32)
+            assert str(raised.value) == str(err)  # the line the run reports for a skipped file
+            continue
+        if file.name in ("odd_c_gray.JPEG", "z_good.JPEG"):  # libjpeg-turbo's: compared with a full PIL decode
+            with Image.open(file) as img:
+                box = box_fn(*img.size)
+            assert mean_diff(decode_crop(path, box_fn, 32), pil_resize(file, box, 32)) < 2.0
+        else:
+            assert np.array_equal(decode_crop(path, box_fn, 32), expected)
+    assert pil_calls == ["odd_a_png.JPEG", "odd_b_cmyk.JPEG", "odd_d_truncated.JPEG", "odd_e_empty.JPEG",
+                         "odd_f_text.JPEG", "odd_g_extraneous.JPEG"]
+
+
+def test_a_sample_drawn_before_falling_back_to_pil_keeps_its_box_and_flip(photo, tmp_path):
+    """The extraneous-bytes JPEG passes libjpeg-turbo's header check and fails its decode: PIL must get the
+    sample's first box, not a second draw, and the flip must be the draw after it, as for any other file."""
+    folder = tmp_path / "train" / "n000"
+    folder.mkdir(parents=True)
+    (folder / "a.JPEG").write_bytes(extraneous_bytes_jpeg(photo))
+    shutil.copy(photo, folder / "b.JPEG")
+    ds = ImageFolderDataset(tmp_path / "train", ["n000"], True, 96, seed=5)
+    flips = set()
+    for epoch in range(6):
+        for index, decode in ((0, decode_region_pil), (1, decode_region)):
+            rng = sample_rng(5, epoch, index)
+            box = random_resized_crop_box(rng, 640, 427, ds.min_crop_scale)
+            expected = decode(ds.paths[index], lambda w, h, box=box: box, 96)
+            flip = rng.random() < 0.5
+            if flip:
+                expected = expected.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            image = ds.load(epoch, index)
+            assert torch.equal(image, torch.from_numpy(np.array(expected)))
+            assert torch.equal(image, ds.load(epoch, index))  # and again: a pure function of (seed, epoch, index)
+            flips.add(flip)
+    assert flips == {True, False}
 
 
 def test_center_crop_keeps_87_5_percent_of_the_shorter_side():
