@@ -24,8 +24,10 @@ REAL_TOOLS = ["bash", "sh", "cat", "awk", "sed", "grep", "tar", "gzip", "cmp", "
               "tr", "wc", "basename", "dirname", "env", "rm", "cp", "mv", "sha256sum", "cut", "tee", "sort",
               "ls", "readlink", "mktemp", "touch", "chmod", "sleep", "find", "xargs", "uname", "expr"]
 
-LOG_ARGV = ('printf "%s" "$(basename "$0")" >>"$STUB_LOG"; printf " %s" "$@" >>"$STUB_LOG"; '
-            'echo >>"$STUB_LOG"\n')
+# One write per call: the tmux stub's has-session polls run while train.py's stub logs, and appends made in
+# pieces interleave.
+LOG_ARGV = ('call="$(basename "$0")"; for arg in "$@"; do call+=" $arg"; done; '
+            'printf "%s\\n" "$call" >>"$STUB_LOG"\n')
 STUBS = {
     "lsblk": 'cat "$STUB_DIR/lsblk.out"',
     "blkid": 'f="$STUB_DIR/blkid/$(basename "${@: -1}")"; [ -f "$f" ] || exit 2; cat "$f"',
