@@ -91,9 +91,7 @@ class DaliBatchDecoder(DeviceBatchDecoder):
         """DeviceBatchDecoder's contract: (images, labels, skipped), the loader's labels and skipped left as
         they are; calling the decoder (the parent's __call__) writes the corrections into the batch instead."""
         size = batch.image_size
-        out = torch.empty(len(labels), 3, size, size, device=self.device, memory_format=torch.channels_last)
-        if len(batch.decoded):
-            out[batch.decoded_positions.to(self.device)] = self.normalize(batch.decoded)
+        out = self.batch_with_worker_decoded(batch, len(labels))
         if not batch.lengths:
             return out, labels, skipped
         files = [data.numpy() for data in batch.encoded()]

@@ -192,9 +192,7 @@ class DeviceBatchDecoder:
         """(images, labels, skipped) for a loader's (batch, labels, skipped), which are left as they are:
         labels and skipped are new objects where a file could not be decoded, else the ones given."""
         size = batch.image_size
-        out = torch.empty(len(labels), 3, size, size, device=self.device, memory_format=torch.channels_last)
-        if len(batch.decoded):
-            out[batch.decoded_positions.to(self.device)] = self.normalize(batch.decoded)
+        out = self.batch_with_worker_decoded(batch, len(labels))
         if not batch.lengths:
             return out, labels, skipped
         images, unreadable = self.decode(batch)
@@ -209,6 +207,14 @@ class DeviceBatchDecoder:
             skipped = skipped + unreadable
             labels = self.replace(out, labels, batch.train, failed, skipped)
         return out, labels, skipped
+
+    def batch_with_worker_decoded(self, batch: EncodedBatch, images: int) -> torch.Tensor:
+        """The output batch, holding already the images the loader workers decoded (the CPU share)."""
+        size = batch.image_size
+        out = torch.empty(images, 3, size, size, device=self.device, memory_format=torch.channels_last)
+        if len(batch.decoded):
+            out[batch.decoded_positions.to(self.device)] = self.normalize(batch.decoded)
+        return out
 
     def decode(self, batch: EncodedBatch) -> tuple[list[torch.Tensor | None], list[str]]:
         """CHW uint8 images on the device, None where no decoder could read the file; and a line for each
