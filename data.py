@@ -17,10 +17,10 @@ import os
 import shutil
 from pathlib import Path
 
-import cv2
 import numpy as np
 import simplejpeg
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from dataset_paths import is_image
@@ -36,18 +36,6 @@ MAX_CONSECUTIVE_BAD = 16
 # JPEG colour spaces that libjpeg-turbo turns into the same RGB pixels as PIL (full decodes compared: bit-identical).
 # CMYK and YCCK files go to PIL, which inverts Adobe's CMYK where libjpeg-turbo does not.
 TURBO_COLORSPACES = ("YCbCr", "Gray", "RGB")
-
-# Standard deviation, per unit of sqrt(shrink ** 2 - 1), of the Gaussian blur before a linear downscale, in source
-# pixels. Variances add: PIL's BILINEAR filter shrinking s times has a variance of s ** 2 / 6 and linear
-# interpolation one of 1/6 on average, so 1 / sqrt(6) = 0.41 would match them; 0.45 came out closest to PIL's
-# pixels on make-data crops (0.40 to 0.60 measured: too little blur aliases, too much softens).
-ANTIALIAS_SIGMA = 0.45
-
-# A loader already runs one worker process per core. OpenCV's default of a thread per core inside each of them
-# would put cores x workers threads on the cores and slow every worker down; 0 also keeps OpenCV from starting
-# a thread pool in the parent that forked workers would inherit without its threads.
-cv2.setNumThreads(0)
-
 
 class DataVanishedError(Exception):
     """A class folder listed at the start is gone: the data was moved, deleted or its volume unmounted.
@@ -101,9 +89,15 @@ def random_resized_crop_box(rng: np.random.Generator, width: int, height: int, m
 
 
 def center_crop_box(width: int, height: int, image_size: int) -> tuple[float, float, float, float]:
-    """The region that resize(shorter side = image_size / 0.875) + center crop(image_size) keeps."""
-    side = min(width, height) * VAL_CROP_FRACTION
-    return (width - side) / 2, (height - side) / 2, side, side
+    """The region, in source pixels, that torchvision's val transform keeps: Resize(image_size / 0.875) of the
+    shorter side, then CenterCrop(image_size), with their rounding. Its edges fall on whole pixels of that
+    resized image, so resize_region reproduces the transform exactly, and PIL's resize(box=...) does too."""
+    short = round(image_size / VAL_CROP_FRACTION)
+    resized_w, resized_h = ((short, int(short * height / width)) if width <= height
+                            else (int(short * width / height), short))
+    left, top = round((resized_w - image_size) / 2), round((resized_h - image_size) / 2)
+    scale_x, scale_y = width / resized_w, height / resized_h
+    return left * scale_x, top * scale_y, image_size * scale_x, image_size * scale_y
 
 
 def decode_region_pil(path: bytes, box_fn, image_size: int) -> Image.Image:
@@ -127,39 +121,28 @@ def decode_region_pil(path: bytes, box_fn, image_size: int) -> Image.Image:
 
 
 def resize_region(image: np.ndarray, box: tuple[float, float, float, float], image_size: int) -> np.ndarray:
-    """The (left, top, width, height) box of an HWC uint8 image resized to image_size x image_size with the
-    geometry of PIL's resize(box=...).
+    """The (left, top, width, height) box of an HWC uint8 image resized to image_size x image_size with
+    torchvision's pixels: a whole-pixel box (every training box) is cut out, then resized, as RandomResizedCrop
+    does; a box with fractional edges (center_crop_box's) has them on whole pixels of the image scaled to its
+    size, so the image is scaled, then cut, as Resize + CenterCrop do.
 
-    Training boxes (whole pixels) that shrink on both axes use OpenCV's INTER_AREA, the others linear
-    interpolation. A Gaussian blur before linear interpolation came closer to PIL's pixels (0.86 against
-    about 1 grey level) and was twice as fast, but trained worse: on compare_recipes.py's photo-patches,
-    seeds 0-5, 77.7% val top-1 on average against 82.0% with PIL's resize and 81.5% with INTER_AREA.
-    Val boxes have fractional edges and go through the blur and an exact affine map (below)."""
+    torch's antialiased bilinear interpolation of uint8 channels-last images is PIL's BILINEAR filter in fixed
+    point: 0.01 grey level from torchvision's crops on average, 2 at most, in 0.17 ms per 224 px training crop
+    against PIL's 0.91 and OpenCV INTER_AREA's 0.60 (one core, make-data JPEGs).
+    """
     left, top, width, height = box
-    sigma_x, sigma_y = (ANTIALIAS_SIGMA * math.sqrt(max((n / image_size) ** 2 - 1, 0)) for n in (width, height))
-    if all(float(v).is_integer() for v in box):  # every training box: cv2.resize maps whole pixels exactly
-        region = image[int(top):int(top + height), int(left):int(left + width)]
-        shrinking = width > image_size and height > image_size
-        return cv2.resize(region, (image_size, image_size),
-                          interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
-    # The val box has fractional edges; rounding them moved each by up to half a pixel and doubled the
-    # difference to PIL. warpAffine places them exactly, reading one more pixel on each side for the interpolation.
-    x0, y0 = max(math.floor(left) - 1, 0), max(math.floor(top) - 1, 0)
-    x1 = min(math.ceil(left + width) + 1, image.shape[1])
-    y1 = min(math.ceil(top + height) + 1, image.shape[0])
-    scale_x, scale_y = width / image_size, height / image_size
-    # Output pixel centre x + 0.5 sits at left + (x + 0.5) * scale_x, in coordinates where pixel j spans [j, j+1).
-    to_source = np.array([[scale_x, 0, left - x0 + 0.5 * scale_x - 0.5], [0, scale_y, top - y0 + 0.5 * scale_y - 0.5]])
-    return cv2.warpAffine(blur(image[y0:y1, x0:x1], sigma_x, sigma_y), to_source, (image_size, image_size),
-                          flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
-
-
-def blur(image: np.ndarray, sigma_x: float, sigma_y: float) -> np.ndarray:
-    if not (sigma_x or sigma_y):
-        return image
-    # A window of +-2 sigma: a wider one changed no measured difference and costs time. Size 1 leaves an axis as is.
-    kx, ky = (2 * math.ceil(2 * sigma) + 1 if sigma else 1 for sigma in (sigma_x, sigma_y))
-    return cv2.GaussianBlur(image, (kx, ky), sigmaX=sigma_x, sigmaY=sigma_y)
+    if all(float(v).is_integer() for v in box):
+        image, size = image[int(top):int(top + height), int(left):int(left + width)], (image_size, image_size)
+        left = top = 0
+    else:
+        scale_x, scale_y = image_size / width, image_size / height
+        size = (round(image.shape[0] * scale_y), round(image.shape[1] * scale_x))
+        left, top = round(left * scale_x), round(top * scale_y)
+    channels_first = torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0)
+    # The fast uint8 kernel wants channels-last memory; a cut-out is not contiguous, so this copies it (cheap).
+    resized = F.interpolate(channels_first.contiguous(memory_format=torch.channels_last), size=size,
+                            mode="bilinear", antialias=True)
+    return resized[0, :, top:top + image_size, left:left + image_size].permute(1, 2, 0).numpy()
 
 
 def decode_crop(path: bytes, box_fn, image_size: int) -> np.ndarray:
@@ -167,10 +150,10 @@ def decode_crop(path: bytes, box_fn, image_size: int) -> np.ndarray:
     writable HWC uint8 RGB array.
 
     JPEGs that libjpeg-turbo can turn into RGB are decoded by it through simplejpeg (the same pixels as PIL's
-    decode, a little faster) and resized by OpenCV (resize_region), less than 1 grey level from PIL's resize
-    on average. The whole image is decoded: libjpeg-turbo's half-size decode followed by resize_region came out
-    3 grey levels from PIL on the crops it could serve (twice the output size or more), against 0.5 after a
-    full decode. Every other file, one libjpeg-turbo finds damaged, and one larger than PIL accepts, goes to
+    decode, 1.5x as fast) and resized by resize_region (torchvision's pixels within 2 grey levels). The whole image
+    is decoded: libjpeg-turbo's half-size decode came out 3 grey levels from PIL on the crops it could serve
+    (twice the output size or more), and those are under 10% of training crops of ImageNet-sized files.
+    Every other file, one libjpeg-turbo finds damaged, and one larger than PIL accepts, goes to
     decode_region_pil, so odd and broken files decode, or fail with the same errors, exactly as with
     PIL alone. box_fn is called once, after the decode has settled which path serves the file, so a
     sample's random draws do not depend on the path.
@@ -225,15 +208,12 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def load(self, epoch: int, index: int) -> torch.Tensor:
         if self.train:
             rng = sample_rng(self.seed, epoch, index)
-            img = decode_crop(self.paths[index],
-                              lambda w, h: random_resized_crop_box(rng, w, h, self.min_crop_scale),
-                              self.image_size_at(epoch))
-            if rng.random() < 0.5:
-                img = cv2.flip(img, 1)  # a flipped copy; a reversed numpy view has strides torch cannot take
-        else:
-            img = decode_crop(self.paths[index], lambda w, h: center_crop_box(w, h, self.image_size),
-                              self.image_size)
-        return torch.from_numpy(img)
+            image = torch.from_numpy(decode_crop(
+                self.paths[index], lambda w, h: random_resized_crop_box(rng, w, h, self.min_crop_scale),
+                self.image_size_at(epoch)))
+            return image.flip(1) if rng.random() < 0.5 else image
+        return torch.from_numpy(decode_crop(self.paths[index], lambda w, h: center_crop_box(w, h, self.image_size),
+                                            self.image_size))
 
     def __getitem__(self, item: tuple[int, int]):
         """Returns (HWC uint8 image, label, descriptions of the unreadable files met on the way).

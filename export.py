@@ -71,8 +71,7 @@ FP32_TOLERANCE = 1e-3
 FP16_TOLERANCE = 0.05
 # What the Space installs, in this order; the version bounds are copied from this repository's requirement
 # files so the Space runs what the tests ran.
-SPACE_PACKAGES = ("torch", "torchvision", "numpy", "pillow", "simplejpeg", "opencv-python-headless", "safetensors",
-                  "gradio")
+SPACE_PACKAGES = ("torch", "torchvision", "numpy", "pillow", "simplejpeg", "safetensors", "gradio")
 # Spaces install requirements.txt with pip; PyPI's Linux torch wheels bundle CUDA (gigabytes) that a CPU
 # Space never uses, the CPU builds from this index are a fraction of that.
 CPU_WHEELS = "https://download.pytorch.org/whl/cpu"

@@ -7,7 +7,7 @@ are applied by
 - reference: PIL's full decode and BILINEAR resize of the box (what torchvision's RandomResizedCrop does);
   timed with ToTensor and Normalize after it, as the torchvision reference loader in benchmark.py does;
 - pil: decode_region_pil, the PIL-only path (reduced-size decode through PIL's draft);
-- fast: ImageFolderDataset.load, libjpeg-turbo decode and OpenCV resize where the file allows.
+- fast: ImageFolderDataset.load, libjpeg-turbo decode and torch's antialiased resize where the file allows.
 Prints ms per image on one thread, as CPU time of that thread (best of --rounds interleaved rounds), so that
 other processes sharing the cores count as little as possible, and the mean absolute difference of pil and
 fast to the reference, in grey levels.

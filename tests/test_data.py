@@ -7,6 +7,7 @@ import torch
 from conftest import add_odd_images
 from PIL import Image
 from sklearn.datasets import load_sample_image
+from torchvision.transforms import functional as F
 
 import data
 from data import (
@@ -93,7 +94,8 @@ def mean_diff(a, b) -> float:
 
 
 def pil_resize(photo, box, size):
-    """PIL's full decode and BILINEAR resize of the box: torchvision's RandomResizedCrop pixels."""
+    """PIL's full decode and BILINEAR resize(box=...), which reads pixels around the box where torchvision's
+    crop-then-resize does not: the PIL path's pixels, and torchvision's val transform for center_crop_box."""
     left, top, w, h = box
     with Image.open(photo) as img:
         return img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
@@ -104,32 +106,33 @@ def moved(box, dx):
     return (left + dx if left + dx + w <= 640 else left - dx), top, w, h
 
 
-# Mean and largest difference to PIL's pixels (grey levels) allowed per crop size: INTER_AREA averages a box
-# where PIL weighs a triangle, which shows more the more a crop shrinks. Measured on 60 crops of china.jpg:
-# mean 1.12, max 2.16 at 224 px; 2.28, 3.94 at 64 px.
-PIL_DIFFERENCE = {64: (2.6, 4.5), 224: (1.5, 2.6)}
+def torchvision_crop(photo, box, size):
+    """torchvision's RandomResizedCrop pixels for `box`: PIL's full decode, crop, then BILINEAR resize."""
+    left, top, w, h = box
+    with Image.open(photo) as img:
+        return F.resized_crop(img.convert("RGB"), top, left, h, w, [size, size])
 
 
 @pytest.mark.parametrize("size", [64, 224])
-def test_the_libjpeg_turbo_path_crops_like_pil(photo, size):
-    boxes = [random_resized_crop_box(sample_rng(0, 0, i), 640, 427, 0.08) for i in range(24)]
-    boxes.append(center_crop_box(640, 427, size))  # fractional edges
+def test_the_libjpeg_turbo_path_crops_like_torchvision(photo, size):
+    """torch's uint8 antialiased resize is PIL's filter in fixed point. Measured on these 24 crops of
+    china.jpg: mean difference 0.002 grey levels at 64 px and 0.005 at 224, no pixel more than 2 levels off.
+    (OpenCV's INTER_AREA, used before, was 1.1 to 2.3 levels off on average.)"""
     diffs, moved_diffs = [], []
-    for box in boxes:
+    for box in [random_resized_crop_box(sample_rng(0, 0, i), 640, 427, 0.08) for i in range(24)]:
         calls = []
         fast = decode_crop(os.fsencode(photo), lambda w, h, box=box, calls=calls: calls.append((w, h)) or box,
                            size)
         assert calls == [(640, 427)] and fast.shape == (size, size, 3) and fast.dtype == np.uint8
-        reference = np.asarray(pil_resize(photo, box, size))
+        reference = np.asarray(torchvision_crop(photo, box, size), dtype=np.int16)
+        assert np.abs(fast - reference).max() <= 3
         diffs.append(mean_diff(fast, reference))
         if size == 224:  # no reduced-size decode applies to these crops at 224: the PIL path is PIL's resize itself
             pil = decode_region_pil(os.fsencode(photo), lambda w, h, box=box: box, size)
-            assert np.array_equal(np.asarray(pil), reference)
+            assert np.array_equal(np.asarray(pil), pil_resize(photo, box, size))
         # What a wrong geometry looks like: the same box 3 pixels to the side, for the bound to mean something.
-        moved_diffs.append(mean_diff(fast, pil_resize(photo, moved(box, 3), size)))
-    mean_bound, max_bound = PIL_DIFFERENCE[size]
-    assert max(diffs) < max_bound and np.mean(diffs) < mean_bound
-    assert np.mean(moved_diffs) > 2.5 * np.mean(diffs)  # measured: 2.9x at 64 px
+        moved_diffs.append(mean_diff(fast, torchvision_crop(photo, moved(box, 3), size)))
+    assert np.mean(diffs) < 0.05 and min(moved_diffs) > 10 * max(diffs)
 
 
 def extraneous_bytes_jpeg(path):
@@ -191,9 +194,24 @@ def test_a_sample_drawn_before_falling_back_to_pil_keeps_its_box_and_flip(photo,
     assert flips == {True, False}
 
 
-def test_center_crop_keeps_87_5_percent_of_the_shorter_side():
-    left, top, w, h = center_crop_box(640, 480, 224)
-    assert (w, h) == (420, 420) and left == 110 and top == 30
+@pytest.mark.parametrize("size", [64, 224])
+def test_the_val_box_is_torchvisions_resize_and_center_crop(photo, size):
+    from torchvision import transforms
+
+    val_transform = transforms.Compose([transforms.Resize(round(size / 0.875)), transforms.CenterCrop(size)])
+    with Image.open(photo) as img:
+        landscape = img.convert("RGB")
+    for image in (landscape, landscape.transpose(Image.Transpose.ROTATE_90)):
+        left, top, w, h = center_crop_box(*image.size, size)
+        assert min(w, h) / min(image.size) == pytest.approx(0.875, abs=0.5 / size)
+        reference = np.asarray(val_transform(image), dtype=np.int16)
+        boxed = np.asarray(image.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h)))
+        assert np.abs(boxed - reference).max() <= 1  # PIL's own path: the same pixels, up to rounding
+        image.save(photo.parent / "val.JPEG", quality=95)
+        with Image.open(photo.parent / "val.JPEG") as saved:
+            reference = np.asarray(val_transform(saved.convert("RGB")))
+        fast = decode_crop(os.fsencode(photo.parent / "val.JPEG"), lambda w, h: center_crop_box(w, h, size), size)
+        assert mean_diff(fast, reference) < 0.1
 
 
 def test_augmentation_depends_only_on_seed_epoch_and_index(digits_dir):
