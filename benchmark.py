@@ -169,11 +169,12 @@ def compute(args) -> dict:
 # ------------------------------------------------------------------------------------------------- loader
 
 def time_loader(loader, seconds: float, warmup_batches: int = 3, finish=None) -> float:
-    """img/s of `loader`; finish(images), if given, is the work the training process still does per batch."""
+    """img/s of `loader`; finish(images, labels, skipped), if given, is the work the training process still
+    does per batch and returns its images."""
     def endless():  # small folders end an epoch within the measurement; start the next one at once
         while True:
-            for inputs, *_ in loader:
-                yield finish(inputs) if finish else inputs
+            for batch in loader:  # the project's (images, labels, skipped) or the reference's (images, labels)
+                yield finish(*batch) if finish else batch[0]
 
     batches = endless()
     for _ in range(warmup_batches):  # worker start-up is not throughput
@@ -209,8 +210,8 @@ def loader(args) -> None:
         project = make_loader(ours, sampler, args.workers, pin_memory=False, collate_fn=collate_encoded)
         decode = DeviceBatchDecoder(device)
 
-        def finish(batch):
-            images = decode(batch)
+        def finish(batch, labels, skipped):
+            images, _, _ = decode.decode_batch(batch, labels, skipped)
             if device.type == "cuda":
                 torch.cuda.synchronize()  # the batch counts once the device has made it
             return images

@@ -89,7 +89,7 @@ class DaliBatchDecoder(DeviceBatchDecoder):
     def decode_batch(self, batch: EncodedBatch, labels: torch.Tensor,
                      skipped: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """DeviceBatchDecoder's contract: (images, labels, skipped), the loader's labels and skipped left as
-        they are; calling the decoder (the parent's __call__) writes the corrections into the batch instead."""
+        they are."""
         size = batch.image_size
         out = self.batch_with_worker_decoded(batch, len(labels))
         if not batch.lengths:

@@ -115,22 +115,14 @@ class EncodedBatch:
     decoded_positions: torch.Tensor  # int64 (M,)
     image_size: int
     train: bool  # a file that fails to decode is replaced (training) or blanked and labelled -1 (val)
-    labels: torch.Tensor
-    skipped: list[str]
 
     def encoded(self) -> list[torch.Tensor]:
         """The files as 1-D uint8 tensors (views of `data`), as decode_jpeg takes them."""
         return list(self.data.split(self.lengths))
 
-    def pin_memory(self):
-        raise RuntimeError("Use pin_memory=False with collate_encoded: pinning copies the labels tensor and the "
-                           "skipped list the loader yields, so a decoder substitution would not reach them "
-                           "(and pinned file bytes speed nothing up).")
-
 
 def collate_encoded(items) -> tuple[EncodedBatch, torch.Tensor, list[str]]:
-    """data.collate's (images, labels, skipped) with an EncodedBatch as images. labels and skipped are the
-    batch's own objects, so DeviceBatchDecoder's corrections show in both."""
+    """data.collate's (images, labels, skipped) with an EncodedBatch as images."""
     images, labels, skipped = zip(*items, strict=True)
     files = [(i, im) for i, im in enumerate(images) if isinstance(im, EncodedImage)]
     ready = [(i, im) for i, im in enumerate(images) if isinstance(im, torch.Tensor)]
@@ -144,9 +136,8 @@ def collate_encoded(items) -> tuple[EncodedBatch, torch.Tensor, list[str]]:
         flips=torch.tensor([im.flip for _, im in files], dtype=torch.bool),
         decoded=torch.stack([im for _, im in ready]) if ready else torch.empty(0, size, size, 3, dtype=torch.uint8),
         decoded_positions=torch.tensor([i for i, _ in ready], dtype=torch.int64),
-        image_size=size, train=any(im.train for _, im in files), labels=torch.tensor(labels),
-        skipped=[s for per_item in skipped for s in per_item])
-    return batch, batch.labels, batch.skipped
+        image_size=size, train=any(im.train for _, im in files))
+    return batch, torch.tensor(labels), [s for per_item in skipped for s in per_item]
 
 
 class DeviceBatchDecoder:
@@ -156,8 +147,7 @@ class DeviceBatchDecoder:
     its own; a file decode_jpeg still rejects is decoded by PIL on the CPU (with a warning). A file PIL
     cannot decode either is reported in skipped and, in training, replaced by another image of the same
     batch (the next one, wrapping), whose label it takes; in val it becomes a blank image labelled -1, as in
-    the CPU path. decode_batch returns those corrections; calling the decoder itself (the older interface)
-    writes them into batch.labels and batch.skipped instead.
+    the CPU path. decode_batch returns those corrections with the images.
 
     Crops are cut and resized together: each crop (plus a pixel of context) is placed in a zero-padded
     canvas and one roi_align with an adaptive sampling grid averages each output pixel's area, which
@@ -178,14 +168,6 @@ class DeviceBatchDecoder:
         self.max_side = max_side
         self.canvas_bytes = canvas_bytes
         self.normalize = Normalizer(self.device)
-
-    def __call__(self, batch: EncodedBatch) -> torch.Tensor:
-        """decode_batch's images, with its corrections written into batch.labels and batch.skipped: the
-        interface of callers that read those after the call."""
-        images, labels, skipped = self.decode_batch(batch, batch.labels, batch.skipped)
-        batch.labels.copy_(labels)
-        batch.skipped[:] = skipped
-        return images
 
     def decode_batch(self, batch: EncodedBatch, labels: torch.Tensor,
                      skipped: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

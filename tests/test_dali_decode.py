@@ -78,10 +78,10 @@ def test_crops_are_pils_on_the_same_windows_and_within_the_measured_tolerance_of
             flipped.append(per_image_error(images.flip(3), expected))
             swapped.append(per_image_error(images.flip(1), expected))  # RGB <-> BGR
             if train:  # the window of the next epoch, everything else the same
-                batch = collate_encoded([
+                moved = collate_encoded([
                     (dataclasses.replace(r, box=encoded_set[(epoch + 1, i)][0].box), 0, [])
-                    for r, (_, i) in zip(records, items, strict=True)])[0]
-                other_box.append(per_image_error(decoder(batch), expected))
+                    for r, (_, i) in zip(records, items, strict=True)])
+                other_box.append(per_image_error(decoder.decode_batch(*moved)[0], expected))
     to_pil, to_cpu = torch.cat(to_pil), torch.cat(to_cpu)
     assert to_pil.max() < PIL_TOLERANCE
     assert to_cpu.max() < IMAGE_TOLERANCE and to_cpu.mean() < BATCH_TOLERANCE
@@ -141,9 +141,9 @@ def test_output_is_normalized_float_channels_last_at_the_epochs_size(odd_dir):
     _, encoded_set = datasets(odd_dir, train=True, start_image_size=32, epochs=3)
     decoder = DaliBatchDecoder(CPU)
     for epoch, size in enumerate([32, 48, 64]):
-        batch, _, _ = collate_encoded([encoded_set[(epoch, i)] for i in range(len(encoded_set))])
+        batch, labels, skipped = collate_encoded([encoded_set[(epoch, i)] for i in range(len(encoded_set))])
         assert len(batch.lengths) > 0 and len(batch.decoded) > 0  # both routes in the batch
-        images = decoder(batch)
+        images, _, _ = decoder.decode_batch(batch, labels, skipped)
         assert images.shape == (len(encoded_set), 3, size, size) and images.dtype == torch.float32
         assert images.device == CPU and images.is_contiguous(memory_format=torch.channels_last)
         assert -2.2 < images.min() and images.max() < 2.7  # (0 - mean) / std ... (1 - mean) / std

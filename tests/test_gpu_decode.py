@@ -160,10 +160,10 @@ def test_decoded_batches_match_the_cpu_path_within_the_measured_tolerance(photos
             flipped.append(per_image_error(images.flip(3), expected))
             swapped.append(per_image_error(images.flip(1), expected))  # RGB <-> BGR
             if train:  # the crop box of the next epoch, everything else the same
-                batch = collate_encoded([
+                moved = collate_encoded([
                     (dataclasses.replace(encoded_set[item][0], box=encoded_set[(epoch + 1, item[1])][0].box), 0, [])
-                    for item in items])[0]
-                other_box.append(per_image_error(decoder(batch), expected))
+                    for item in items])
+                other_box.append(per_image_error(decoder.decode_batch(*moved)[0], expected))
             shift = per_image_error(torch.roll(images, SIZE // 16, 3), expected)
             assert shift.mean() > BATCH_TOLERANCE
     errors = torch.cat(errors)
@@ -211,9 +211,6 @@ def test_decode_batch_returns_its_corrections_and_leaves_the_loaders_objects_alo
     assert given_labels.tolist() == [0, 0, 0, -1, -1, -1, -1, 0, 0]  # the broken scan passes the workers
     assert new_labels.tolist() == [0, 0, 0, -1, -1, -1, -1, -1, 0]  # ...and is blanked by the decoder
     assert new_skipped[:len(skipped)] == skipped and names(new_skipped[len(skipped):]) == ["odd_h_broken_scan.JPEG"]
-    # The older interface: the same images, with the corrections written into the batch's own objects.
-    assert torch.equal(decoder(batch), images)
-    assert batch.labels is labels and torch.equal(labels, new_labels) and skipped == new_skipped
     # The CPU path has nothing to correct: its labels and skipped pass through as they are.
     cpu_images = torch.zeros(2, SIZE, SIZE, 3, dtype=torch.uint8)
     x, cpu_labels, cpu_skipped = model_batch(Normalizer(CPU), cpu_images, given_labels, given_skipped)
@@ -255,9 +252,9 @@ def test_output_is_normalized_float_channels_last_at_the_epochs_size(odd_dir):
     _, encoded_set = datasets(odd_dir, train=True, start_image_size=32, epochs=3)
     decoder = DeviceBatchDecoder(CPU)
     for epoch, size in enumerate([32, 48, 64]):
-        batch, _, _ = collate_encoded([encoded_set[(epoch, i)] for i in range(len(encoded_set))])
+        batch, labels, skipped = collate_encoded([encoded_set[(epoch, i)] for i in range(len(encoded_set))])
         assert len(batch.lengths) > 0 and len(batch.decoded) > 0  # both routes in the batch
-        images = decoder(batch)
+        images, _, _ = decoder.decode_batch(batch, labels, skipped)
         assert images.shape == (len(encoded_set), 3, size, size) and images.dtype == torch.float32
         assert images.device == CPU and images.is_contiguous(memory_format=torch.channels_last)
         assert -2.2 < images.min() and images.max() < 2.7  # (0 - mean) / std ... (1 - mean) / std
@@ -272,13 +269,9 @@ def test_a_loader_with_a_worker_delivers_the_same_batches(photos_dir):
         sampler.set_epoch(2)
         out[workers] = []
         for batch, labels, skipped in make_loader(encoded_set, sampler, workers, False, collate_fn=collate_encoded):
-            # The decoder's corrections must reach what the loop holds, across the worker's pickling too.
-            assert labels is batch.labels and skipped is batch.skipped
-            out[workers].append((decoder(batch), labels))
+            out[workers].append(decoder.decode_batch(batch, labels, skipped)[:2])
     assert len(out[1]) == 3
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(out[0], out[1], strict=True))
-    with pytest.raises(RuntimeError, match="pin_memory=False"):
-        batch.pin_memory()
 
 
 def test_a_device_share_sends_that_fraction_of_images_to_the_workers_in_every_stretch_of_the_dataset(photos_dir):
