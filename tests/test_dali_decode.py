@@ -3,20 +3,25 @@
 handled and counted the same way, and train.py on it learning and resuming bit for bit. Only the choice that
 --decode auto makes runs without nvidia-dali installed (requirements-dali.txt; requirements-dev.txt has it)."""
 
-import csv
 import dataclasses
-import shutil
-import signal
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import test_gpu_decode
 import torch
-from conftest import REPO, add_odd_images
 from PIL import Image
-from test_gpu_decode import CPU, SIZE, both_paths, datasets, jpeg_bytes, names, per_image_error
+from test_gpu_decode import (
+    CPU,
+    SIZE,
+    assert_normalized_channels_last_at_the_epochs_size,
+    both_paths,
+    datasets,
+    jpeg_bytes,
+    names,
+    per_image_error,
+    run_counted_and_resumed,
+)
 
 import engine
 from config import UsageError, parse_config
@@ -35,11 +40,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding 
 # Mean absolute difference in normalized units (1.0 = one standard deviation, about 57 of 255 levels), measured
 # over the 66 crops at 64 px of test_gpu_decode's photos. To PIL decoding the whole file and resizing the same
 # window: at most 0.0042 per image, 0.0025 on average (0.14 grey levels), so window, flip and filter are PIL's.
-# To the CPU path: at most 0.108 per image, 0.037 on average, nearly all of it the CPU path's reduced-size JPEG
-# decode (which is 0.107 and 0.036 from PIL's full decode). A missing flip gives at least 0.27 per image,
-# swapped channels 0.28, the window of another epoch 0.38.
+# To the CPU path, whose crops are torchvision's: at most 0.0043 per image, 0.0025 on average. A missing flip
+# gives at least 0.27 per image, swapped channels 0.27, the window of another epoch 0.39.
 PIL_TOLERANCE = 0.01
-IMAGE_TOLERANCE, BATCH_TOLERANCE = 0.15, 0.06
+IMAGE_TOLERANCE, BATCH_TOLERANCE = 0.01, 0.005
 
 
 def full_decode(path: str, box, flip: bool, size: int) -> torch.Tensor:
@@ -138,15 +142,7 @@ def test_a_file_dali_rejects_and_pil_reads_is_decoded_by_pil(tmp_path, monkeypat
 
 @needs_dali
 def test_output_is_normalized_float_channels_last_at_the_epochs_size(odd_dir):
-    _, encoded_set = datasets(odd_dir, train=True, start_image_size=32, epochs=3)
-    decoder = DaliBatchDecoder(CPU)
-    for epoch, size in enumerate([32, 48, 64]):
-        batch, labels, skipped = collate_encoded([encoded_set[(epoch, i)] for i in range(len(encoded_set))])
-        assert len(batch.lengths) > 0 and len(batch.decoded) > 0  # both routes in the batch
-        images, _, _ = decoder.decode_batch(batch, labels, skipped)
-        assert images.shape == (len(encoded_set), 3, size, size) and images.dtype == torch.float32
-        assert images.device == CPU and images.is_contiguous(memory_format=torch.channels_last)
-        assert -2.2 < images.min() and images.max() < 2.7  # (0 - mean) / std ... (1 - mean) / std
+    assert_normalized_channels_last_at_the_epochs_size(DaliBatchDecoder(CPU), odd_dir)
 
 
 def forced_dali_decode(*args) -> list[str]:
@@ -168,47 +164,12 @@ sys.exit(code)
 
 @needs_dali
 def test_train_py_on_dali_decoded_batches_counts_like_the_cpu_path_learns_and_resumes_exactly(digits_dir, tmp_path):
-    """train.py's loop on the DALI route (forced on, on the CPU): broken files are skipped and counted exactly as
-    the CPU path counts them (tests/test_faults.py), it learns, and a run stopped by SIGTERM and rerun ends
-    bit-identical to an uninterrupted one (tests/test_resume.py's flags)."""
-    from test_faults import expected_train_skips
-    from test_resume import ARGS, assert_same_run, wait_for_new_checkpoint
-
-    data = tmp_path / "data"
-    shutil.copytree(digits_dir, data)
-    for path in data.glob("*/*/*.jpg"):  # the digits are grayscale JPEGs, which the workers would decode
-        with Image.open(path) as img:
-            img.convert("RGB").save(path, quality=95)
-    names = add_odd_images(data / "train" / "digit_3")
-    add_odd_images(data / "val" / "digit_7")
-    reference = tmp_path / "uninterrupted"
-    done = subprocess.run(forced_dali_decode("--data-dir", data, "--output-dir", reference, *ARGS),
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert "JPEGs are decoded with DALI (forced on the CPU)." in done.stdout
+    """train.py's loop on the DALI route (forced on, on the CPU): counts, learning and exact resume as
+    test_gpu_decode checks them for the nvJPEG route."""
+    stdout = run_counted_and_resumed(forced_dali_decode, digits_dir, tmp_path)
+    assert "JPEGs are decoded with DALI (forced on the CPU)." in stdout
     # 2 epochs of 1,440 training and 363 val images: all but the 6 odd files of each split go to DALI.
-    assert int(done.stdout.rsplit("files decoded by DALI: ", 1)[1]) == 2 * (1440 + 363 - 6)
-
-    train_names = sorted(p.name for p in (data / "train" / "digit_3").iterdir())
-    first = sum(len(list((data / "train" / f"digit_{c}").iterdir())) for c in range(3))
-    broken = {first + train_names.index(n) for n in names}
-    with open(reference / "metrics.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert [int(r["val_images"]) for r in rows] == [363, 363]
-    assert [int(r["skipped_images"]) for r in rows] == [expected_train_skips(1443, broken, e) + 3 for e in (0, 1)]
-    assert float(rows[-1]["val_acc1"]) > 30  # 10 classes: chance is 10%
-
-    out = tmp_path / "interrupted"
-    proc = subprocess.Popen(forced_dali_decode("--data-dir", data, "--output-dir", out, *ARGS), cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_new_checkpoint(out, proc, None)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 0 and "Stopped by SIGTERM" in stdout, stderr
-    again = subprocess.run(forced_dali_decode("--data-dir", data, "--output-dir", out, *ARGS),
-                           cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and "Resuming" in again.stdout, again.stderr
-    assert_same_run(out, reference)
+    assert int(stdout.rsplit("files decoded by DALI: ", 1)[1]) == 2 * (1440 + 363 - 6)
 
 
 def test_decode_auto_takes_dali_on_a_gpu_with_dali_installed_and_the_workers_otherwise(monkeypatch, capsys):
