@@ -4,8 +4,8 @@
 
 For the first --images train files (or val with --val), the crop box and flip the loader draws for epoch 0
 are applied by
-- reference: PIL's full decode and BILINEAR resize of the box (what torchvision's RandomResizedCrop does);
-  timed with ToTensor and Normalize after it, as the torchvision reference loader in benchmark.py does;
+- reference: torchvision on PIL's full decode: resized_crop of the box (RandomResizedCrop's pixels), or for
+  val resize + center_crop; timed with ToTensor and Normalize after it, as benchmark.py's reference loader;
 - pil: decode_region_pil, the PIL-only path (reduced-size decode through PIL's draft);
 - fast: ImageFolderDataset.load, libjpeg-turbo decode and torch's antialiased resize where the file allows.
 Prints ms per image on one thread, as CPU time of that thread (best of --rounds interleaved rounds), so that
@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import (  # noqa: E402
     IMAGENET_MEAN,
     IMAGENET_STD,
+    VAL_CROP_FRACTION,
     ImageFolderDataset,
     center_crop_box,
     decode_region_pil,
@@ -64,8 +65,12 @@ def main() -> None:
 
     def reference(index):
         with Image.open(dataset.paths[index].decode()) as img:
-            (left, top, w, h), flip = draw(index, *img.size)
-            out = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+            rgb = img.convert("RGB")
+        (left, top, w, h), flip = draw(index, *rgb.size)
+        if args.val:
+            out = F.center_crop(F.resize(rgb, round(size / VAL_CROP_FRACTION)), size)
+        else:
+            out = F.resized_crop(rgb, top, left, h, w, [size, size])
         return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out
 
     def torchvision_like(index):
