@@ -44,6 +44,7 @@ from config import Config
 from data import list_samples, usable_cores
 from dataset_paths import check_layout
 from engine import build_data
+from gpu_decode import model_batch
 from runtime import Runtime
 
 # Each section's weight in the time budget. Time a section leaves unused passes on to the later ones, and
@@ -116,17 +117,20 @@ def measure_loader(route: str, share: float | None, root: Path, args, device: to
     if route == "torchvision":
         dl = reference_loader(root / "train", args.image_size, args.batch_size, args.workers)
 
-        def prepare(images):
+        def prepare(images, labels):
             return images.to(device, non_blocking=True)
     else:
         cfg = Config(data_dir=str(root), batch_size=args.batch_size, image_size=args.image_size, decode=route,
                      gpu_decode_share=1.0 if share is None else share)
         with contextlib.redirect_stdout(sys.stderr):  # the route's log line; stdout is for results
             data = build_data(cfg, check_layout(root).classes, Runtime(device=device), args.workers, with_val=False)
-        dl, prepare = data.train_loader, data.to_model_input
+        dl = data.train_loader
 
-    def finish(images):
-        images = prepare(images)
+        def prepare(images, labels, skipped):
+            return model_batch(data.to_model_input, images, labels, skipped)[0]
+
+    def finish(*batch):
+        images = prepare(*batch)
         if device.type == "cuda":
             torch.cuda.synchronize()  # a batch counts once the device has it
         return images

@@ -163,6 +163,33 @@ def train_epoch(batches, log_every, sync):
 '''
 
 
+@pytest.mark.parametrize("route", ["torchvision", "cpu", "gpu", "dali"])
+def test_gpu_checks_loader_measurement_feeds_each_route_through_its_decoder(bench_dir, route, monkeypatch):
+    """gpu-check's per-route loader figure, with the device routes forced on as on a GPU: each batch must reach
+    the model's input through the route's own decoder, as in train.py."""
+    import argparse
+
+    import dali_decode
+    import engine
+    import gpu_check
+    import gpu_decode
+
+    if route == "dali" and dali_decode.dali_missing():
+        pytest.skip(f"nvidia-dali is not installed ({dali_decode.dali_missing()})")
+    monkeypatch.setattr(engine, "decode_route", lambda requested, device: (requested, "forced"))
+    decoded = []
+    for decoder in (gpu_decode.DeviceBatchDecoder, dali_decode.DaliBatchDecoder):
+        def counting(self, batch, labels, skipped, real=decoder.decode_batch, name=decoder.__name__):
+            decoded.append(name)
+            return real(self, batch, labels, skipped)
+        monkeypatch.setattr(decoder, "decode_batch", counting)
+    args = argparse.Namespace(image_size=32, batch_size=4, workers=0)
+    img_s = gpu_check.measure_loader(route, 0.5, bench_dir, args, torch.device("cpu"), seconds=0.5)
+    assert img_s > 0
+    expected = {"gpu": "DeviceBatchDecoder", "dali": "DaliBatchDecoder"}.get(route)
+    assert set(decoded) == ({expected} if expected else set()) and (len(decoded) >= 4 or not expected)
+
+
 def test_the_sync_check_counts_only_syncs_in_the_step_loops_per_step_code(tmp_path, monkeypatch):
     """The attribution behind gpu-check's sync check, with warnings standing in for the ones torch's sync
     debug mode raises: by the place in train_epoch, and none at its sync point or outside its loop."""
