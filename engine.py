@@ -298,8 +298,8 @@ def measure_threads(t: Training, data: Data, rt: Runtime, workers: int, steps: i
         for i in range(steps + 1):  # the first, at a new thread count, is a warm-up
             if i == 1:
                 start = time.perf_counter()
-            images, labels, _ = next(batches)
-            t.criterion(model(data.to_model_input(images)), labels).backward()
+            x, labels, _ = model_batch(data.to_model_input, *next(batches))
+            t.criterion(model(x), labels).backward()
         return (time.perf_counter() - start) / steps
 
     next(batches)  # the workers' start-up is no step's

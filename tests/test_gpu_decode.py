@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, add_odd_images
+from conftest import FAST, REPO, add_odd_images
 from PIL import Image
 from sklearn.datasets import load_sample_image
 
@@ -413,6 +413,30 @@ def run_counted_and_resumed(command, digits_dir, tmp_path) -> str:
     assert again.returncode == 0 and "Resuming" in again.stdout, again.stderr
     assert_same_run(out, reference)
     return done.stdout
+
+
+def test_a_new_cpu_run_times_its_threads_on_device_decoded_batches(digits_dir, monkeypatch):
+    """measure_threads feeds its trial steps as the training loop does, through model_batch."""
+    import engine
+    from config import parse_config
+    from runtime import Runtime
+
+    monkeypatch.setattr(engine, "decode_route", lambda requested, device: (requested, "forced"))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(engine, "cores_per_process", lambda rt: 2)
+    at = FAST.index("--threads")
+    cfg = parse_config(["--data-dir", str(digits_dir), *FAST[:at], *FAST[at + 2:], "--decode", "gpu"])
+    classes = sorted(p.name for p in (digits_dir / "train").iterdir())
+    rt = Runtime(device=CPU)
+    data = engine.build_data(cfg, classes, rt, workers=1, with_val=False)
+    assert isinstance(data.to_model_input, DeviceBatchDecoder)
+    training = engine.build_training(engine.build_model(cfg, len(classes)), cfg, rt)
+    before = torch.get_num_threads()
+    try:
+        threads, reason = engine.measure_threads(training, data, rt, workers=1, steps=1)
+    finally:
+        torch.set_num_threads(before)
+    assert threads in (1, 2) and "a step took" in reason
 
 
 def test_decode_gpu_without_a_gpu_falls_back_to_the_workers(capsys):
