@@ -258,7 +258,7 @@ class Data:
     sampler: TrainBatchSampler
     train_loader: torch.utils.data.DataLoader
     val_loader: torch.utils.data.DataLoader | None
-    to_model_input: Normalizer | DeviceBatchDecoder  # a loader batch -> the model's input on the device
+    to_model_input: Normalizer | DeviceBatchDecoder  # use through model_batch: a loader batch -> the model's input
 
 
 def build_data(cfg: Config, classes: list[str], rt: Runtime, workers: int, with_val: bool = True) -> Data:
