@@ -137,6 +137,11 @@ def resize_region(image: np.ndarray, box: tuple[float, float, float, float], ima
     else:
         scale_x, scale_y = image_size / width, image_size / height
         size = (round(image.shape[0] * scale_y), round(image.shape[1] * scale_x))
+        if size[0] * size[1] > 16 * image_size ** 2:
+            # A panorama of extreme shape (a 2 x 3000 px file scales to 256 x 384,000, 300 MB): PIL's resize
+            # of the box computes only the output pixels, the same ones within a grey level.
+            return np.array(Image.fromarray(image).resize((image_size, image_size), Image.Resampling.BILINEAR,
+                                                          box=(left, top, left + width, top + height)))
         left, top = round(left * scale_x), round(top * scale_y)
     channels_first = torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0)
     # The fast uint8 kernel wants channels-last memory; a cut-out is not contiguous, so this copies it (cheap).

@@ -135,6 +135,27 @@ def test_the_libjpeg_turbo_path_crops_like_torchvision(photo, size):
     assert np.mean(diffs) < 0.05 and min(moved_diffs) > 10 * max(diffs)
 
 
+def test_a_panorama_of_extreme_shape_is_not_scaled_whole_for_its_val_crop(photo, tmp_path, monkeypatch):
+    """Scaling a 3 x 2000 px strip so its short side is 73 px would make it 73 x 48,666 px: the val path must
+    compute only the crop, and still give Resize + CenterCrop's pixels."""
+    from torchvision import transforms
+
+    with Image.open(photo) as img:
+        strip = img.convert("RGB").resize((2000, 3))
+    strip.save(tmp_path / "strip.JPEG", quality=95)
+    val_transform = transforms.Compose([transforms.Resize(73), transforms.CenterCrop(64)])
+    with Image.open(tmp_path / "strip.JPEG") as img:
+        reference = np.asarray(val_transform(img.convert("RGB")))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the whole strip was scaled")
+
+    monkeypatch.setattr(data.F, "interpolate", refuse)
+    fast = decode_crop(os.fsencode(tmp_path / "strip.JPEG"), lambda w, h: center_crop_box(w, h, 64), 64)
+    assert fast.shape == (64, 64, 3) and fast.flags.writeable
+    assert np.abs(fast.astype(np.int16) - reference).max() <= 1
+
+
 def extraneous_bytes_jpeg(path):
     """A JPEG that libjpeg-turbo reads with a warning, which simplejpeg treats as an error, and PIL decodes."""
     data = path.read_bytes()
