@@ -317,6 +317,24 @@ def train(args) -> None:
                steady_ratio=round(row["steady_img_s"] / compute_only, 3))
 
 
+def bounded(kind: type, minimum: float, exclusive: bool = False):
+    """An argparse type: a finite `kind` of at least `minimum` (above it, with exclusive)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value < minimum or (exclusive and value == minimum):
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what} {'above' if exclusive else 'of at least'} {minimum:g}, "
+                                             f"got {text!r}")
+        return value
+    return parse
+
+
+positive_int, non_negative_int, positive_float = bounded(int, 1), bounded(int, 0), bounded(float, 0, exclusive=True)
+
+
 def shares(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",")]
@@ -341,31 +359,32 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("make-data", "compute", "loader", "train"):
         p = sub.add_parser(name)
         p.add_argument("--json", action="store_true", help="one JSON object per measurement on stdout")
-        p.add_argument("--batch-size", type=int, default=256)
-        p.add_argument("--image-size", type=int, default=224)
+        p.add_argument("--batch-size", type=positive_int, default=256)
+        p.add_argument("--image-size", type=positive_int, default=224)
     sub.choices["make-data"].add_argument("--out", type=Path, required=True)
-    sub.choices["make-data"].add_argument("--images", type=int, default=10_000, help="train images")
-    sub.choices["make-data"].add_argument("--classes", type=int, default=10)
+    sub.choices["make-data"].add_argument("--images", type=positive_int, default=10_000, help="train images")
+    sub.choices["make-data"].add_argument("--classes", type=positive_int, default=10)
     for name in ("compute", "train"):
         sub.choices[name].add_argument("--precision", default="bf16" if name == "compute" else "auto",
                                        choices=["bf16", "fp16", "fp32", "auto"])
         sub.choices[name].add_argument("--compile", action="store_true")
-        sub.choices[name].add_argument("--warmup", type=int, default=10)
-    sub.choices["compute"].add_argument("--steps", type=int, default=30)
+        sub.choices[name].add_argument("--warmup", type=non_negative_int, default=10)
+    sub.choices["compute"].add_argument("--steps", type=positive_int, default=30)
     sub.choices["compute"].add_argument("--no-channels-last", dest="channels_last", action="store_false")
     sub.choices["compute"].add_argument("--models", type=model_names, default=list(MODELS),
                                         help="comma-separated, from " + ", ".join(MODELS))
-    sub.choices["compute"].add_argument("--rounds", type=int, default=2, help="interleaved rounds, best of each")
+    sub.choices["compute"].add_argument("--rounds", type=positive_int, default=2,
+                                        help="interleaved rounds, best of each")
     for name in ("loader", "train"):
         sub.choices[name].add_argument("--data-dir", type=Path, required=True)
-        sub.choices[name].add_argument("--workers", type=int, default=max(1, usable_cores() - 1))
-    sub.choices["loader"].add_argument("--seconds", type=float, default=20)
+        sub.choices[name].add_argument("--workers", type=non_negative_int, default=max(1, usable_cores() - 1))
+    sub.choices["loader"].add_argument("--seconds", type=positive_float, default=20)
     for name in ("loader", "train"):
         sub.choices[name].add_argument("--decode", choices=["cpu", "gpu"] if name == "loader" else decode_routes(),
                                        default="cpu", help="gpu: workers read files, batches are decoded on cuda "
                                                            "(loader: on the cpu without one; train: train.py --decode)")
-    sub.choices["train"].add_argument("--steps", type=int, default=100)
-    sub.choices["train"].add_argument("--compute-steps", type=int, default=30,
+    sub.choices["train"].add_argument("--steps", type=positive_int, default=100)
+    sub.choices["train"].add_argument("--compute-steps", type=positive_int, default=30,
                                       help="timed steps of the compute-only figure it is compared with")
     sub.choices["train"].add_argument("--gpu-decode-share", type=shares, default=[1.0],
                                       help="with --decode gpu: train.py's --gpu-decode-share, or several separated "

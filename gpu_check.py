@@ -30,6 +30,9 @@ from benchmark import (
     OutOfTime,
     decode_routes,
     environment,
+    non_negative_int,
+    positive_float,
+    positive_int,
     reference_loader,
     report,
     run_until,
@@ -526,25 +529,27 @@ def markdown(rows: list[dict], jsonl: Path, seconds: float) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="also print each JSON line on stdout")
     parser.add_argument("--out", type=Path, help="the JSON lines file (default: measurements/gpu-check-<date>.jsonl)")
-    parser.add_argument("--minutes", type=float, default=8, help="stop, and write what was measured, before this")
-    parser.add_argument("--images", type=int, default=20_000, help="train JPEGs to generate (and a tenth for val)")
-    parser.add_argument("--classes", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--image-size", type=int, default=224, help="of the input routes and train.py runs")
+    parser.add_argument("--minutes", type=positive_float, default=8,
+                        help="stop, and write what was measured, before this")
+    parser.add_argument("--images", type=positive_int, default=20_000,
+                        help="train JPEGs to generate (and a tenth for val)")
+    parser.add_argument("--classes", type=positive_int, default=10)
+    parser.add_argument("--batch-size", type=positive_int, default=256)
+    parser.add_argument("--image-size", type=positive_int, default=224, help="of the input routes and train.py runs")
     parser.add_argument("--compute-sizes", type=pixel_sizes, default=[224, 176],
                         help="compute-only sizes, besides --image-size")
-    parser.add_argument("--steps", type=int, default=50, help="train.py: timed steps (whole epochs), after a "
+    parser.add_argument("--steps", type=positive_int, default=50, help="train.py: timed steps (whole epochs), after a "
                                                                "warm-up epoch")
-    parser.add_argument("--compute-steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=10, help="compute-only: untimed steps first")
-    parser.add_argument("--workers", type=int, default=max(1, usable_cores() - 1))
-    parser.add_argument("--loader-seconds", type=float, default=8, help="per input route")
+    parser.add_argument("--compute-steps", type=positive_int, default=30)
+    parser.add_argument("--warmup", type=non_negative_int, default=10, help="compute-only: untimed steps first")
+    parser.add_argument("--workers", type=non_negative_int, default=max(1, usable_cores() - 1))
+    parser.add_argument("--loader-seconds", type=positive_float, default=8, help="per input route")
     parser.add_argument("--gpu-decode-shares", type=shares, default=[0.25, 0.5, 1.0],
                         help="--decode gpu is measured at each of these --gpu-decode-share values")
 
 
 def pixel_sizes(text: str) -> list[int]:
     try:
-        return [int(v) for v in text.split(",")]
-    except ValueError:
+        return [positive_int(v) for v in text.split(",")]
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected image sizes in pixels separated by commas, got {text!r}") from None

@@ -26,6 +26,7 @@ from torchvision.transforms import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmark import positive_int  # noqa: E402
 from data import (  # noqa: E402
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -36,15 +37,15 @@ from data import (  # noqa: E402
     random_resized_crop_box,
     sample_rng,
 )
-from dataset_paths import check_layout  # noqa: E402
+from dataset_paths import DatasetLayoutError, check_layout  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, required=True)
-    parser.add_argument("--images", type=int, default=400)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--images", type=positive_int, default=400)
+    parser.add_argument("--image-size", type=positive_int, default=224)
+    parser.add_argument("--rounds", type=positive_int, default=3)
     parser.add_argument("--val", action="store_true", help="the val center crop instead of training crops")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -109,4 +110,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DatasetLayoutError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

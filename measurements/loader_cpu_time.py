@@ -22,8 +22,9 @@ from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmark import non_negative_int, positive_int  # noqa: E402
 from data import ImageFolderDataset, TrainBatchSampler, make_loader  # noqa: E402
-from dataset_paths import check_layout  # noqa: E402
+from dataset_paths import DatasetLayoutError, check_layout  # noqa: E402
 
 
 def cpu_seconds() -> float:
@@ -35,10 +36,10 @@ def cpu_seconds() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, required=True)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--workers", type=non_negative_int, default=2)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--image-size", type=positive_int, default=224)
+    parser.add_argument("--epochs", type=positive_int, default=4)
     args = parser.parse_args()
     root = args.data_dir / "train"
     ours = ImageFolderDataset(root, check_layout(args.data_dir).classes, True, args.image_size, seed=0)
@@ -68,4 +69,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DatasetLayoutError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

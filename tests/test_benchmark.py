@@ -51,6 +51,22 @@ def test_loader_compares_the_project_pipeline_with_torchvisions_on_the_same_file
     assert all(r["what"] == "loader" and r["workers"] == 1 and r["img_s"] > 0 for r in rows)
 
 
+@pytest.mark.parametrize("command", [
+    ["loader", "--data-dir", "/tmp", "--workers", "-3"],
+    ["loader", "--data-dir", "/tmp", "--batch-size", "0"],
+    ["loader", "--data-dir", "/tmp", "--seconds", "nan"],
+    ["make-data", "--out", "/tmp/never-written", "--images", "-1"],
+    ["gpu-check", "--minutes", "-1"],
+    ["gpu-check", "--compute-sizes", "224,0"],
+])
+def test_bad_values_are_refused_before_anything_runs(command):
+    refused = subprocess.run([sys.executable, "benchmark.py", *command], cwd=REPO, capture_output=True, text=True,
+                             timeout=60)
+    flag = next(arg for arg in command[::-1] if arg.startswith("--"))
+    assert refused.returncode == 2 and f"argument {flag}: expected" in refused.stderr
+    assert "Traceback" not in refused.stderr and refused.stdout == ""
+
+
 def test_compute_measures_both_models_with_the_same_settings():
     rows = benchmark("compute", "--batch-size", 2, "--image-size", 32, "--steps", 2, "--warmup", 1,
                      "--precision", "fp32")
