@@ -538,8 +538,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=positive_int, default=224, help="of the input routes and train.py runs")
     parser.add_argument("--compute-sizes", type=pixel_sizes, default=[224, 176],
                         help="compute-only sizes, besides --image-size")
-    parser.add_argument("--steps", type=positive_int, default=50, help="train.py: timed steps (whole epochs), after a "
-                                                               "warm-up epoch")
+    parser.add_argument("--steps", type=positive_int, default=50,
+                        help="train.py: timed steps (whole epochs), after a warm-up epoch")
     parser.add_argument("--compute-steps", type=positive_int, default=30)
     parser.add_argument("--warmup", type=non_negative_int, default=10, help="compute-only: untimed steps first")
     parser.add_argument("--workers", type=non_negative_int, default=max(1, usable_cores() - 1))
