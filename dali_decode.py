@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from config import UsageError
 from data import BAD_IMAGE_ERRORS, IMAGENET_MEAN, IMAGENET_STD
 from gpu_decode import DeviceBatchDecoder, EncodedBatch
 
@@ -72,7 +73,8 @@ class DaliBatchDecoder(DeviceBatchDecoder):
 
     DALI decodes only each crop window's pixels, resizes the window to the batch's size with an antialiased
     linear filter (the CPU path's PIL filter), mirrors and normalizes. A pipeline that met an undecodable file
-    cannot run again, so it is rebuilt and the batch is decoded file by file to find the culprits.
+    cannot run again, so it is rebuilt and the batch is decoded file by file to find the culprits. A pipeline
+    that cannot be built is no file's fault: that ends the run with a UsageError (see build).
     """
 
     def __init__(self, device: torch.device):
@@ -181,8 +183,24 @@ class DaliBatchDecoder(DeviceBatchDecoder):
         return crops
 
     def build(self, max_batch: int):
-        """The pipeline: external inputs for the files, their windows, the output size and the flips; decode of
-        the window's pixels, antialiased resize, mirror and normalization, float HWC out."""
+        """The pipeline, built before any file is fed to it: so a failure here is the route's, not a file's
+        (no GPU memory, a DALI that does not match the driver), and every later batch would meet it again.
+        Raised as a UsageError, which ends the run at once with the way out, instead of each file of each
+        batch being decoded by PIL in this process, at a crawl."""
+        try:
+            return self.build_pipeline(max_batch)
+        except RuntimeError as err:
+            # DALI appends its C++ stack trace to the message: the first part is the reason.
+            reason = " ".join(str(err).split("Stacktrace")[0].split())
+            raise UsageError(
+                f"NVIDIA DALI could not build its decoding pipeline on {self.device} ({type(err).__name__}: "
+                f"{reason}). This is a problem of the DALI install, the driver or the GPU, not of the data. Pass "
+                f"--decode cpu (the loader workers decode) or --decode gpu (nvJPEG on the CUDA cores), or "
+                f"reinstall DALI with `pip install -r requirements-dali.txt`.") from err
+
+    def build_pipeline(self, max_batch: int):
+        """External inputs for the files, their windows, the output size and the flips; decode of the window's
+        pixels, antialiased resize, mirror and normalization, float HWC out."""
         from nvidia.dali import Pipeline, fn, types
 
         on_gpu = self.device.type == "cuda"

@@ -4,12 +4,15 @@ handled and counted the same way, and train.py on it learning and resuming bit f
 --decode auto makes runs without nvidia-dali installed (requirements-dali.txt; requirements-dev.txt has it)."""
 
 import dataclasses
+import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
 import test_gpu_decode
 import torch
+from conftest import FAST, REPO
 from PIL import Image
 from test_gpu_decode import (
     CPU,
@@ -199,3 +202,59 @@ def test_decode_auto_takes_dali_on_a_gpu_with_dali_installed_and_the_workers_oth
     dataset, collate_fn, pin, prepare = engine.input_pipeline("auto", cpu, 1.0)
     assert (dataset, collate_fn, pin, type(prepare)) == (ImageFolderDataset, collate, False, Normalizer)
     assert capsys.readouterr().out == "--decode auto: there is no GPU, so the loader workers decode the JPEGs.\n"
+
+
+def failing_pipeline_build(self):
+    """What a DALI that does not match the driver does when the pipeline is built (the message ends with DALI's
+    stack trace)."""
+    raise RuntimeError("CUDA driver version is insufficient for CUDA runtime version\nStacktrace (2 entries):\n"
+                       "[frame 0]: libdali.so\n[frame 1]: libdali.so")
+
+
+@needs_dali
+def test_a_pipeline_that_cannot_be_built_ends_the_run_once_instead_of_decoding_every_file_with_pil(photos_dir,
+                                                                                                   monkeypatch):
+    """No file is to blame: one build is tried, nothing falls back to PIL and no warning is given per file;
+    the UsageError (exit 2 in train.py) says what failed and what to pass instead."""
+    from nvidia.dali import Pipeline
+
+    builds, pil_decodes = [], []
+    monkeypatch.setattr(Pipeline, "build", lambda self: builds.append(self) or failing_pipeline_build(self))
+    monkeypatch.setattr(DaliBatchDecoder, "decode_with_pil", lambda *args: pil_decodes.append(args))
+    _, encoded_set = datasets(photos_dir, train=True)
+    batch = collate_encoded([encoded_set[(0, i)] for i in range(len(encoded_set))])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a warning per file would fail here
+        with pytest.raises(UsageError) as raised:
+            DaliBatchDecoder(CPU).decode_batch(*batch)
+    assert len(builds) == 1 and pil_decodes == []
+    message = str(raised.value)
+    assert message.startswith("NVIDIA DALI could not build its decoding pipeline on cpu (RuntimeError: CUDA driver "
+                              "version is insufficient for CUDA runtime version).")
+    assert "--decode cpu" in message and "--decode gpu" in message and "requirements-dali.txt" in message
+    assert "Stacktrace" not in message and "\n" not in message
+
+
+@needs_dali
+def test_train_py_stops_with_exit_2_and_one_paragraph_when_dali_cannot_build_its_pipeline(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 40), ("val", 8)):
+        for label in ("a", "b"):
+            (tmp_path / "data" / split / label).mkdir(parents=True)
+            for i in range(count // 2):  # RGB JPEGs: the ones the DALI route decodes
+                Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(
+                    tmp_path / "data" / split / label / f"{i}.jpg")
+    args = ["--data-dir", tmp_path / "data", "--output-dir", tmp_path / "out", "--epochs", "1", *FAST]
+    command = forced_dali_decode(*args)
+    command[2] = command[2].replace("import sys, dali_decode, engine, train\n", """
+import sys, dali_decode, engine, train
+from nvidia.dali import Pipeline
+def failing_build(self):
+    raise RuntimeError("CUDA driver version is insufficient for CUDA runtime version")
+Pipeline.build = failing_build
+""")
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: NVIDIA DALI could not build its decoding pipeline")
+    assert "decoded it with PIL" not in done.stdout + done.stderr and "Traceback" not in done.stderr
