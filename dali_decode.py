@@ -55,6 +55,42 @@ def dali_missing() -> str | None:
     return None
 
 
+def hardware_jpeg_decoder(device: torch.device) -> tuple[bool | None, str]:
+    """Whether the GPU `device` has hardware JPEG decoders, as its driver reports it through NVML, or None
+    where that cannot be found out; and a phrase saying which GPU and how that was found.
+
+    NVML answers nvmlDeviceGetJpgUtilization on GPUs with JPEG engines (A100, A30, Hopper, Ada such as the L4,
+    Blackwell: the chips on which nvJPEG's hardware backend, and so DALI's "mixed" decoder, can use them) and
+    refuses it as NOT_SUPPORTED on GPUs without (V100, T4, A10G). It also refuses it on a MIG slice, whose
+    engines it does not report, so a slice is taken as having none: the safe answer. The query needs no
+    CUDA context and finds the device by UUID, so each rank asks about its own GPU whatever
+    CUDA_VISIBLE_DEVICES says. The other ways to ask are worse: DALI has no Python query (its older C++
+    check was a list of brands and compute capabilities), and creating nvJPEG's hardware backend means
+    loading a libnvjpeg whose location and CUDA runtime differ between wheels and containers."""
+    index = torch.cuda.current_device() if device.index is None else device.index
+    gpu = torch.cuda.get_device_properties(index)
+    try:
+        import pynvml
+    except ImportError:
+        return None, "nvidia-ml-py, which asks the driver, is not installed (pip install -r requirements-dali.txt)"
+    query = getattr(pynvml, "nvmlDeviceGetJpgUtilization", None)
+    if query is None:
+        return None, "the installed pynvml predates nvmlDeviceGetJpgUtilization (pip install -r requirements-dali.txt)"
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as err:
+        return None, f"NVML cannot be used here: {err}"
+    try:
+        query(pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{gpu.uuid}"))
+    except pynvml.NVMLError as err:
+        if err.value == pynvml.NVML_ERROR_NOT_SUPPORTED:
+            return False, f"NVML reports no JPEG decoder engine on the {gpu.name}"
+        return None, f"NVML could not tell for the {gpu.name}: {err}"
+    finally:
+        pynvml.nvmlShutdown()
+    return True, f"NVML reports JPEG decoder engines on the {gpu.name}"
+
+
 def slice_and_roi(box: tuple[float, float, float, float]) -> tuple[list[int], list[int], list[float], list[float]]:
     """DALI's arguments for one crop window (left, top, width, height, fractional for val): the whole pixels
     to decode, as (x, y) anchor and shape, and the window inside them, as (y, x) start and end for resize.

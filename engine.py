@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from config import Config, UsageError
-from dali_decode import DaliBatchDecoder, dali_missing
+from dali_decode import DaliBatchDecoder, dali_missing, hardware_jpeg_decoder
 from data import ImageFolderDataset, Normalizer, TrainBatchSampler, ValBatchSampler, collate, make_loader, usable_cores
 from gpu_decode import DeviceBatchDecoder, EncodedImageFolderDataset, collate_encoded, model_batch
 from model import ARCHITECTURES
@@ -197,7 +197,8 @@ def decode_on_device(requested: str, device: torch.device) -> bool:
 def decode_route(requested: str, device: torch.device) -> tuple[str, str]:
     """What --decode means on this device: the route that decodes the JPEGs (cpu: the loader workers; gpu:
     nvJPEG on the CUDA cores; dali: NVIDIA DALI, on the GPU's hardware JPEG engines where it has them), and a
-    line saying which and why."""
+    line saying which and why. auto takes DALI only where it is installed and the driver reports JPEG engines
+    on this GPU, else the workers."""
     if requested == "cpu":
         return "cpu", "JPEGs are decoded by the loader workers (--decode cpu)."
     if requested == "gpu":
@@ -209,14 +210,24 @@ def decode_route(requested: str, device: torch.device) -> tuple[str, str]:
         # workers idle.
         return "cpu", f"--decode {requested}: there is no GPU, so the loader workers decode the JPEGs."
     missing = dali_missing()
-    if missing is None:
-        return "dali", (f"--decode {requested}: NVIDIA DALI decodes the JPEGs on the GPU (on its hardware JPEG "
-                        f"decoder where it has one).")
     if requested == "dali":
+        if missing is None:
+            return "dali", "--decode dali: NVIDIA DALI decodes the JPEGs on the GPU."
         raise UsageError(f"--decode dali needs NVIDIA DALI, which cannot be imported here ({missing}). Install it "
                          f"with `pip install -r requirements-dali.txt`, or pass --decode cpu or gpu.")
-    return "cpu", ("--decode auto: NVIDIA DALI is not installed, so the loader workers decode the JPEGs "
-                   "(`pip install -r requirements-dali.txt` lets the GPU's JPEG engines do it).")
+    if missing is not None:
+        return "cpu", ("--decode auto: NVIDIA DALI is not installed, so the loader workers decode the JPEGs "
+                       "(`pip install -r requirements-dali.txt` lets the GPU's JPEG engines do it).")
+    # Without JPEG engines DALI decodes on the CUDA cores, taking their time from training (DESIGN.md, "GPU
+    # JPEG decode"), and GPUs without engines are the slower ones; unmeasured there, so the workers keep it.
+    has_engines, why = hardware_jpeg_decoder(device)
+    if has_engines:
+        return "dali", f"--decode auto: NVIDIA DALI decodes the JPEGs on the GPU's hardware JPEG decoder ({why})."
+    if has_engines is False:
+        return "cpu", (f"--decode auto: the loader workers decode the JPEGs: {why}, so DALI would decode them on "
+                       f"the CUDA cores that training uses (--decode dali or gpu does that anyway).")
+    return "cpu", (f"--decode auto: the loader workers decode the JPEGs, since whether this GPU has a hardware JPEG "
+                   f"decoder is unknown ({why}); --decode dali uses DALI anyway.")
 
 
 def input_pipeline(decode: str, device: torch.device, gpu_decode_share: float):

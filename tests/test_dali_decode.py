@@ -7,6 +7,7 @@ import dataclasses
 import subprocess
 import sys
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -175,12 +176,96 @@ def test_train_py_on_dali_decoded_batches_counts_like_the_cpu_path_learns_and_re
     assert int(stdout.rsplit("files decoded by DALI: ", 1)[1]) == 2 * (1440 + 363 - 6)
 
 
-def test_decode_auto_takes_dali_on_a_gpu_with_dali_installed_and_the_workers_otherwise(monkeypatch, capsys):
+@pytest.fixture
+def gpus(monkeypatch) -> dict:
+    """Stubs what cannot exist here, what a GPU and its driver report: the properties torch reads from device
+    i, and NVML's answer to nvmlDeviceGetJpgUtilization for the GPU of that UUID. Returns the dict to fill:
+    device index -> (name, answer), answer a [utilization, sampling period] list or an NVML error code."""
+    import pynvml
+
+    reports = {}
+    uuid = "6b1a9c2e-0f3d-4e5a-8b7c-00000000000{}".format
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda index: SimpleNamespace(name=reports[index][0], uuid=uuid(index)))
+    monkeypatch.setattr(pynvml, "nvmlInit", lambda: None)
+    monkeypatch.setattr(pynvml, "nvmlShutdown", lambda: None)
+
+    def handle_by_uuid(asked: str) -> int:
+        for index in reports:
+            if asked == f"GPU-{uuid(index)}":
+                return index
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
+
+    def jpg_utilization(handle: int) -> list[int]:
+        answer = reports[handle][1]
+        if isinstance(answer, int):
+            raise pynvml.NVMLError(answer)
+        return answer
+
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetHandleByUUID", handle_by_uuid)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetJpgUtilization", jpg_utilization)
+    return reports
+
+
+def test_decode_auto_takes_dali_only_on_a_gpu_whose_driver_reports_jpeg_engines(gpus, monkeypatch):
+    import pynvml
+
+    monkeypatch.setattr(engine, "dali_missing", lambda: None)
+    gpus[0] = ("NVIDIA H100 80GB HBM3", [0, 166666])
+    gpus[1] = ("Tesla T4", pynvml.NVML_ERROR_NOT_SUPPORTED)
+    h100, t4 = torch.device("cuda", 0), torch.device("cuda", 1)
+    assert engine.decode_route("auto", h100) == (
+        "dali", "--decode auto: NVIDIA DALI decodes the JPEGs on the GPU's hardware JPEG decoder (NVML reports JPEG "
+                "decoder engines on the NVIDIA H100 80GB HBM3).")
+    assert engine.decode_route("auto", t4) == (
+        "cpu", "--decode auto: the loader workers decode the JPEGs: NVML reports no JPEG decoder engine on the "
+               "Tesla T4, so DALI would decode them on the CUDA cores that training uses (--decode dali or gpu does "
+               "that anyway).")
+    # What is asked for is done, engines or not.
+    assert [engine.decode_route(requested, t4)[0] for requested in ("dali", "gpu", "cpu")] == ["dali", "gpu", "cpu"]
+    # A device without an index is the current one, as the epoch summary's advice passes it.
+    assert engine.decode_route("auto", torch.device("cuda"))[0] == "dali"
+    assert "more --workers than 15" in data_wait_advice(0.3, "auto", 1.0, "cuda", 15)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert engine.decode_route("auto", torch.device("cuda"))[0] == "cpu"
+    assert "try --decode gpu or dali" in data_wait_advice(0.3, "auto", 1.0, "cuda", 15)
+
+
+def test_decode_auto_leaves_the_jpegs_to_the_workers_where_the_engines_cannot_be_found_out(gpus, monkeypatch):
+    import pynvml
+
+    monkeypatch.setattr(engine, "dali_missing", lambda: None)
+    gpus[0] = ("Tesla V100-SXM2-16GB", pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)  # a driver older than the query
+    unknown = ("--decode auto: the loader workers decode the JPEGs, since whether this GPU has a hardware JPEG "
+               "decoder is unknown ({}); --decode dali uses DALI anyway.")
+    gpu = torch.device("cuda", 0)
+    assert engine.decode_route("auto", gpu) == (
+        "cpu", unknown.format("NVML could not tell for the Tesla V100-SXM2-16GB: Function Not Found"))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",  # a MIG slice's UUID is no GPU's
+                        lambda index: SimpleNamespace(name="NVIDIA A100-SXM4-40GB MIG 1g.5gb", uuid="0" * 36))
+    assert engine.decode_route("auto", gpu) == (
+        "cpu", unknown.format("NVML could not tell for the NVIDIA A100-SXM4-40GB MIG 1g.5gb: Not Found"))
+
+    def no_library():
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+
+    monkeypatch.setattr(pynvml, "nvmlInit", no_library)
+    assert engine.decode_route("auto", gpu) == (
+        "cpu", unknown.format("NVML cannot be used here: NVML Shared Library Not Found"))
+    monkeypatch.delattr(pynvml, "nvmlDeviceGetJpgUtilization")
+    assert engine.decode_route("auto", gpu) == ("cpu", unknown.format(
+        "the installed pynvml predates nvmlDeviceGetJpgUtilization (pip install -r requirements-dali.txt)"))
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed
+    assert engine.decode_route("auto", gpu) == ("cpu", unknown.format(
+        "nvidia-ml-py, which asks the driver, is not installed (pip install -r requirements-dali.txt)"))
+
+
+def test_decode_auto_takes_the_workers_without_a_gpu_or_without_dali(gpus, monkeypatch, capsys):
     gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    gpus[0] = ("NVIDIA H100 80GB HBM3", [0, 166666])
     assert parse_config([]).decode == "auto" and parse_config(["--decode", "dali"]).decode == "dali"
     monkeypatch.setattr(engine, "dali_missing", lambda: None)
-    assert engine.decode_route("auto", gpu)[0] == "dali" and engine.decode_route("dali", gpu)[0] == "dali"
-    assert engine.decode_route("gpu", gpu)[0] == "gpu" and engine.decode_route("cpu", gpu)[0] == "cpu"
     for requested in ("auto", "dali", "gpu"):  # nothing to decode on: the workers, whatever is installed
         route, why = engine.decode_route(requested, cpu)
         assert route == "cpu" and why.startswith(f"--decode {requested}: there is no GPU, so the loader workers")
