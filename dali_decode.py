@@ -126,9 +126,10 @@ class DaliBatchDecoder(DeviceBatchDecoder):
 
     def decode_batch(self, batch: EncodedBatch, labels: torch.Tensor,
                      skipped: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """DeviceBatchDecoder's contract: (images, labels, skipped), the loader's labels and skipped left as
-        they are."""
+        """DeviceBatchDecoder's contract: (images, labels, skipped), the labels on the device, the loader's
+        labels and skipped left as they are."""
         size = batch.image_size
+        labels = self.to_device(labels)
         out = self.batch_with_worker_decoded(batch, len(labels))
         if not batch.lengths:
             return out, labels, skipped
@@ -143,7 +144,7 @@ class DaliBatchDecoder(DeviceBatchDecoder):
         except RuntimeError:  # DALI does not say which file failed: decode them one by one to find out
             crops, good = self.decode_one_by_one(files, boxes, flips, size, batch.paths, unreadable)
         if good:
-            out[batch.positions[good].to(self.device)] = crops.permute(0, 3, 1, 2)
+            out[self.to_device(batch.positions[good])] = crops.permute(0, 3, 1, 2)
         failed = [int(batch.positions[i]) for i in range(len(files)) if i not in good]
         if failed:
             skipped = skipped + unreadable
@@ -178,7 +179,8 @@ class DaliBatchDecoder(DeviceBatchDecoder):
                                             box=(left, top, left + width, top + height))
         if flip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return self.normalize(torch.from_numpy(np.array(img, dtype=np.uint8))[None]).permute(0, 2, 3, 1)
+        pixels = self.to_device(torch.from_numpy(np.array(img, dtype=np.uint8))[None])
+        return self.normalize(pixels).permute(0, 2, 3, 1)
 
     def run(self, files: list[np.ndarray], boxes: list, flips: list[bool], size: int) -> torch.Tensor:
         """Normalized float NHWC crops on the device. Raises RuntimeError (and drops the pipeline, which DALI

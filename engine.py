@@ -236,9 +236,10 @@ def input_pipeline(decode: str, device: torch.device, gpu_decode_share: float):
     route, why = decode_route(decode, device)
     log(why)
     if route in ("gpu", "dali"):
-        # File bytes gain nothing from pinning: the decoder copies them to the device itself.
-        return (partial(EncodedImageFolderDataset, device_share=gpu_decode_share), collate_encoded, False,
-                DeviceBatchDecoder(device) if route == "gpu" else DaliBatchDecoder(device))
+        # Pinned by the loader's pinning thread: the labels and the images the workers decoded, which the step
+        # loop copies to the GPU (EncodedBatch.pin_memory); not the files, which the decoders read on the host.
+        return (partial(EncodedImageFolderDataset, device_share=gpu_decode_share), collate_encoded,
+                device.type == "cuda", DeviceBatchDecoder(device) if route == "gpu" else DaliBatchDecoder(device))
     return ImageFolderDataset, collate, device.type == "cuda", Normalizer(device)
 
 

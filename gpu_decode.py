@@ -17,6 +17,7 @@ the JPEGs to the device and has the workers decode the rest, so neither side wai
         x, labels, skipped = model_batch(decode, images, labels, skipped)  # see DeviceBatchDecoder.decode_batch
 """
 
+import dataclasses
 import io
 import math
 import os
@@ -120,6 +121,13 @@ class EncodedBatch:
         """The files as 1-D uint8 tensors (views of `data`), as decode_jpeg takes them."""
         return list(self.data.split(self.lengths))
 
+    def pin_memory(self) -> "EncodedBatch":
+        """What the DataLoader's pinning thread calls (pin_memory=True): the images the workers decoded, and
+        where they go, in pinned memory, which the step loop copies to the GPU whole without waiting for it.
+        The files stay where they are: the decoders read them on the host."""
+        return dataclasses.replace(self, decoded=self.decoded.pin_memory(),
+                                   decoded_positions=self.decoded_positions.pin_memory())
+
 
 def collate_encoded(items) -> tuple[EncodedBatch, torch.Tensor, list[str]]:
     """data.collate's (images, labels, skipped) with an EncodedBatch as images."""
@@ -142,6 +150,9 @@ def collate_encoded(items) -> tuple[EncodedBatch, torch.Tensor, list[str]]:
 
 class DeviceBatchDecoder:
     """EncodedBatch -> normalized float NCHW batch on `device`, channels_last, like data.Normalizer's output.
+
+    Nothing here makes the host wait for the training steps queued on the GPU, except the one drain that
+    decode() explains: every host tensor goes to the device through to_device.
 
     All files are decoded by one decode_jpeg call (nvJPEG on CUDA). If it fails, each file is decoded on
     its own; a file decode_jpeg still rejects is decoded by PIL on the CPU (with a warning). A file PIL
@@ -171,16 +182,18 @@ class DeviceBatchDecoder:
 
     def decode_batch(self, batch: EncodedBatch, labels: torch.Tensor,
                      skipped: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """(images, labels, skipped) for a loader's (batch, labels, skipped), which are left as they are:
-        labels and skipped are new objects where a file could not be decoded, else the ones given."""
+        """(images, labels, skipped) for a loader's (batch, labels, skipped), which are left as they are: the
+        labels come back on the device, corrected where a file could not be decoded, and skipped is a new list
+        where a file could not be decoded, else the one given."""
         size = batch.image_size
+        labels = self.to_device(labels)
         out = self.batch_with_worker_decoded(batch, len(labels))
         if not batch.lengths:
             return out, labels, skipped
         images, unreadable = self.decode(batch)
         good = [i for i, image in enumerate(images) if image is not None]
         if good:
-            positions, flips = batch.positions[good].to(self.device), batch.flips[good].to(self.device)
+            positions, flips = self.to_device(batch.positions[good]), self.to_device(batch.flips[good])
             for start, end, crops in self.crop_and_resize([images[i] for i in good], batch.boxes[good], size):
                 crops = torch.where(flips[start:end].view(-1, 1, 1, 1), crops.flip(3), crops)
                 out[positions[start:end]] = (crops - self.normalize.mean) * self.normalize.inv_std
@@ -195,8 +208,18 @@ class DeviceBatchDecoder:
         size = batch.image_size
         out = torch.empty(images, 3, size, size, device=self.device, memory_format=torch.channels_last)
         if len(batch.decoded):
-            out[batch.decoded_positions.to(self.device)] = self.normalize(batch.decoded)
+            out[self.to_device(batch.decoded_positions)] = self.normalize(self.to_device(batch.decoded))
         return out
+
+    def to_device(self, host: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the device, copied without making the host wait. A copy from pageable memory waits
+        for the steps queued before it on the training stream, and the loop's next queued work with it, so the
+        tensor is pinned first, unless the loader's pinning thread did so already (then pin_memory returns it
+        as it is). torch's pinned allocator keeps a freed pinned block from reuse until the copy that reads it
+        has run, so no later batch can overwrite it in flight."""
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        return host.to(self.device, non_blocking=True)
 
     def decode(self, batch: EncodedBatch) -> tuple[list[torch.Tensor | None], list[str]]:
         """CHW uint8 images on the device, None where no decoder could read the file; and a line for each
@@ -231,7 +254,7 @@ class DeviceBatchDecoder:
             return None
         warnings.warn(f"decode_jpeg could not read {path} ({decoder_error}); decoded it with PIL on the CPU",
                       RuntimeWarning, stacklevel=2)
-        return pixels.permute(2, 0, 1).to(self.device)
+        return self.to_device(pixels.permute(2, 0, 1))
 
     def crop_and_resize(self, images: list[torch.Tensor], boxes: torch.Tensor,
                         size: int) -> Iterator[tuple[int, int, torch.Tensor]]:
@@ -267,15 +290,18 @@ class DeviceBatchDecoder:
             # Samples near a piece's right or bottom edge interpolate with the next column or row, which is
             # padding: repeat the edge there, as resizers do at an image border, rather than blend in black.
             # (roi_align itself clamps at the canvas border and at the left and top.)
+            # The indices are chosen on the host: a mask made on the device would make the host wait for it.
             heights = torch.tensor([r[4] for r in regions[start:end]])
             widths = torch.tensor([r[5] for r in regions[start:end]])
             n = torch.arange(end - start)
             short = widths < canvas_w
-            canvas[n[short], :, :, widths[short]] = canvas[n[short], :, :, widths[short] - 1]
+            rows, columns = self.to_device(n[short]), self.to_device(widths[short])
+            canvas[rows, :, :, columns] = canvas[rows, :, :, columns - 1]
             short = heights < canvas_h
-            canvas[n[short], :, heights[short], :] = canvas[n[short], :, heights[short] - 1, :]
-            chunk_rois = torch.tensor([(i - start, *rois[i]) for i in range(start, end)], dtype=torch.float32,
-                                      device=self.device)
+            rows, lines = self.to_device(n[short]), self.to_device(heights[short])
+            canvas[rows, :, lines, :] = canvas[rows, :, lines - 1, :]
+            chunk_rois = self.to_device(torch.tensor([(i - start, *rois[i]) for i in range(start, end)],
+                                                     dtype=torch.float32))
             yield start, end, roi_align(canvas, chunk_rois, output_size=(size, size), spatial_scale=1.0,
                                         sampling_ratio=-1, aligned=True)
 
@@ -284,8 +310,9 @@ class DeviceBatchDecoder:
         """The labels after the images at `failed` are blanked (val) or replaced (training) in out."""
         labels = labels.clone()
         if not train:
-            out[failed] = -self.normalize.mean * self.normalize.inv_std  # a black image, normalized
-            labels[failed] = -1
+            blanked = self.to_device(torch.tensor(failed))
+            out[blanked] = -self.normalize.mean * self.normalize.inv_std  # a black image, normalized
+            labels[blanked] = -1
             return labels
         usable = [i for i in range(len(labels)) if i not in failed]
         if not usable:
@@ -300,9 +327,9 @@ class DeviceBatchDecoder:
 def model_batch(to_model_input, images, labels: torch.Tensor,
                 skipped: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """A loader's (images, labels, skipped) as the training loop uses them: the model's input on its device,
-    and the labels and skipped files that go with it. A route that decodes in the training process can find
-    a file unreadable there and exposes decode_batch to say so; the CPU path's data.Normalizer has nothing
-    to correct."""
+    and the labels (on the device too where a route decodes there) and skipped files that go with it. A route
+    that decodes in the training process can find a file unreadable there and exposes decode_batch to say so;
+    the CPU path's data.Normalizer has nothing to correct."""
     decode_batch = getattr(to_model_input, "decode_batch", None)
     if decode_batch is None:
         return to_model_input(images), labels, skipped

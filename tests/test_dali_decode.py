@@ -25,6 +25,7 @@ from test_gpu_decode import (
     names,
     per_image_error,
     run_counted_and_resumed,
+    step_loop_copies,
 )
 
 import engine
@@ -287,6 +288,19 @@ def test_decode_auto_takes_the_workers_without_a_gpu_or_without_dali(gpus, monke
     dataset, collate_fn, pin, prepare = engine.input_pipeline("auto", cpu, 1.0)
     assert (dataset, collate_fn, pin, type(prepare)) == (ImageFolderDataset, collate, False, Normalizer)
     assert capsys.readouterr().out == "--decode auto: there is no GPU, so the loader workers decode the JPEGs.\n"
+
+
+@needs_dali
+def test_the_dali_step_loop_copies_to_the_gpu_without_waiting_for_it(photos_dir, monkeypatch):
+    """test_gpu_decode's check on the DALI route: nothing the step loop sends to the GPU blocks."""
+    def mixed_decoder(self, files, boxes, flips, size):
+        """DALI's pipeline on a GPU, which cannot run here: crops of the batch's size on the device."""
+        return torch.empty(len(files), size, size, 3, device=self.device)
+
+    monkeypatch.setattr(DaliBatchDecoder, "run", mixed_decoder)
+    copies = step_loop_copies("dali", photos_dir, monkeypatch)
+    assert len(copies) >= 2 * 4  # per batch: labels, the workers' images and their positions, DALI's positions
+    assert [copy for copy in copies if not copy[1]] == []
 
 
 def failing_pipeline_build(self):

@@ -8,13 +8,18 @@ import shutil
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import torch.utils._pytree as pytree
 from conftest import FAST, REPO, add_odd_images
 from PIL import Image
 from sklearn.datasets import load_sample_image
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.data._utils.pin_memory import pin_memory
 
 from data import (
     ImageFolderDataset,
@@ -445,3 +450,93 @@ def test_decode_gpu_without_a_gpu_falls_back_to_the_workers(capsys):
     dataset, collate_fn, pin, prepare = engine.input_pipeline("gpu", CPU, 0.5)
     assert (dataset, collate_fn, pin, type(prepare)) == (ImageFolderDataset, collate, False, Normalizer)
     assert "there is no GPU, so the loader workers decode the JPEGs" in capsys.readouterr().out
+
+
+class GpuCopies(TorchDispatchMode):
+    """Runs code as if on a GPU, without one, and records each copy it makes from host memory to the GPU or
+    back, with whether the host goes on without waiting for the GPU: only a copy to the GPU from pinned
+    memory with non_blocking=True does. Tensors made on "cuda" are FakeTensorMode's (shapes, dtypes and
+    devices, no data); operations on host tensors alone run for real, so host-side work is unchanged. An
+    operation given a GPU tensor and a host tensor (an index, say) copies the host one, and waits. Pinning
+    needs a GPU: pin_memory is answered with a copy that this mode remembers as pinned."""
+
+    def __init__(self):
+        super().__init__()
+        self.fake = FakeTensorMode(allow_non_fake_inputs=True)
+        self.pinned: list[torch.Tensor] = []  # kept alive, so that no other tensor can take one's place
+        self.copies: list[tuple[str, bool]] = []  # (operator, the host goes on without waiting)
+
+    def __enter__(self):
+        self.fake.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        return self.fake.__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if func is torch.ops.aten.is_pinned.default:
+            return any(args[0] is t for t in self.pinned)
+        if func is torch.ops.aten._pin_memory.default:
+            with unset_fake_temporarily():
+                self.pinned.append(args[0].clone())
+            return self.pinned[-1]
+        target = torch.device(kwargs["device"]) if kwargs.get("device") else None
+        if (target is None or target.type == "cpu") and all(t.device.type == "cpu" for t in tensors):
+            with unset_fake_temporarily():
+                return func(*args, **kwargs)
+        if func is torch.ops.aten._to_copy.default and target not in (None, args[0].device):
+            pinned = any(args[0] is t for t in self.pinned)
+            self.copies.append((str(func), target.type == "cuda" and pinned and kwargs.get("non_blocking", False)))
+        elif func is torch.ops.aten.copy_.default and args[0].device != args[1].device:
+            non_blocking = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
+            pinned = any(args[1] is t for t in self.pinned)
+            self.copies.append((str(func), args[0].device.type == "cuda" and pinned and non_blocking))
+        elif any(t.device.type == "cpu" and t.dim() > 0 for t in tensors):
+            self.copies.append((str(func), False))
+        return func(*args, **kwargs)
+
+
+def step_loop_copies(route: str, root, monkeypatch) -> list[tuple[str, bool]]:
+    """The GPU copies of train.py's step loop (model_batch, then the labels to the device) over two training
+    batches of root's files, half of them decoded by the workers, on the input pipeline that --decode `route`
+    builds for a GPU, whose loader pins batches where it is told to (DataLoader's pin_memory)."""
+    import engine
+
+    gpu = torch.device("cuda", 0)
+    # A CUDA stream cannot exist here: the drain before nvJPEG (DeviceBatchDecoder.decode) is no copy.
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: SimpleNamespace(synchronize=lambda: None))
+    copies = GpuCopies()
+    with copies:
+        dataset, collate_fn, pin, decoder = engine.input_pipeline(route, gpu, 0.5)
+        classes = sorted(p.name for p in (root / "train").iterdir())
+        train_set = dataset(root / "train", classes, True, SIZE, SEED, MIN_SCALE)
+        batches = [collate_fn([train_set[(epoch, i)] for i in range(len(train_set))]) for epoch in (0, 1)]
+        copies.copies.clear()  # the decoder's constants went to the GPU once, before the loop
+        for batch, labels, skipped in batches:
+            if pin:
+                batch, labels, skipped = pin_memory((batch, labels, skipped))  # the loader's pinning thread
+            x, labels, skipped = model_batch(decoder, batch, labels, skipped)
+            labels = labels.to(gpu, non_blocking=True)
+            assert x.device == labels.device == gpu and x.shape == (len(train_set), 3, SIZE, SIZE)
+    return copies.copies
+
+
+def fake_nvjpeg(files, mode, device):
+    """torchvision's decode_jpeg on a GPU, which cannot run here: images of each file's size on the device."""
+    sizes = [Image.open(io.BytesIO(data.numpy().tobytes())).size for data in files]
+    return [torch.empty(3, height, width, dtype=torch.uint8, device=device) for width, height in sizes]
+
+
+def test_the_step_loop_copies_to_the_gpu_without_waiting_for_it(photos_dir, monkeypatch):
+    """Every host tensor the nvJPEG route sends to the GPU in the step loop, the labels included, goes from
+    pinned memory without blocking: a blocking copy waits for every step queued before it."""
+    import gpu_decode
+
+    monkeypatch.setattr(gpu_decode, "decode_jpeg", fake_nvjpeg)
+    copies = step_loop_copies("gpu", photos_dir, monkeypatch)
+    # Per batch: labels, the workers' images and their positions, positions, flips, canvas indices, windows.
+    assert len(copies) >= 2 * 7
+    assert [copy for copy in copies if not copy[1]] == []
