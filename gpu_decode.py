@@ -212,11 +212,11 @@ class DeviceBatchDecoder:
         return out
 
     def to_device(self, host: torch.Tensor) -> torch.Tensor:
-        """A host tensor on the device, copied without making the host wait. A copy from pageable memory waits
-        for the steps queued before it on the training stream, and the loop's next queued work with it, so the
-        tensor is pinned first, unless the loader's pinning thread did so already (then pin_memory returns it
-        as it is). torch's pinned allocator keeps a freed pinned block from reuse until the copy that reads it
-        has run, so no later batch can overwrite it in flight."""
+        """A host tensor on the device, copied without making the host wait. A copy from pageable memory keeps
+        the host waiting until the GPU has run the training steps queued before it, so the loop cannot queue
+        the next step ahead: the tensor is pinned first, unless the loader's pinning thread did so already
+        (pin_memory then returns it as it is). torch's pinned allocator keeps a freed pinned block from reuse
+        until the copy that reads it has run, so no later batch can overwrite it in flight."""
         if self.device.type == "cuda":
             host = host.pin_memory()
         return host.to(self.device, non_blocking=True)
