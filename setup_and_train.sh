@@ -32,6 +32,11 @@ Options:
                            or a run already lives there)
   --session NAME           tmux session name (env SESSION; default resnet50)
   --demo                   no ImageNet: skip disk and mount work, run `train.py --demo`
+  --on-boot                also install a systemd service that resumes this run, with these options, after
+                           every boot (a spot stop and start, a reboot): it waits for the data volume, then
+                           starts train.py in the same tmux session. A run that finished, stopped on a
+                           non-finite loss (exit 3) or was refused (exit 2) is left alone.
+  --no-on-boot             remove that service (for --session NAME) and exit
   --dry-run                print every action, change nothing
   -h, --help               this help
 
@@ -43,7 +48,9 @@ After starting train.py the script waits until it has passed its start-up checks
 "Training ..." line) or ended; if it failed, the script prints the log's last lines and exits with
 train.py's status. A start-up still going after STARTUP_WAIT_SECONDS (default 300) is left running.
 
-Environment for tests: MOUNT_POINT, FSTAB (default /etc/fstab), DEV_DIR (default /dev), VENV.
+Environment for tests: MOUNT_POINT, FSTAB (default /etc/fstab), DEV_DIR (default /dev), VENV,
+SYSTEMD_RUN_DIR (default /run/systemd/system: present where systemd runs), UNIT_DIR (default
+/etc/systemd/system), BOOT_WAIT_SECONDS (default 900: how long a boot waits for the data volume).
 EOF
 }
 
@@ -52,6 +59,11 @@ FSTAB=${FSTAB:-/etc/fstab}
 DEV_DIR=${DEV_DIR:-/dev}
 SESSION=${SESSION:-resnet50}
 STARTUP_WAIT_SECONDS=${STARTUP_WAIT_SECONDS:-300}
+SYSTEMD_RUN_DIR=${SYSTEMD_RUN_DIR:-/run/systemd/system}
+UNIT_DIR=${UNIT_DIR:-/etc/systemd/system}
+BOOT_WAIT_SECONDS=${BOOT_WAIT_SECONDS:-900}
+ON_BOOT=""
+AT_BOOT=0
 DEVICE=""
 FORMAT_EMPTY=0
 LOCAL_CHANGES=""
@@ -95,6 +107,9 @@ parse_args() {
             --output-dir) need_value "$@"; OUTPUT_DIR=$2; shift 2 ;;
             --session) need_value "$@"; SESSION=$2; shift 2 ;;
             --demo) DEMO=1; shift ;;
+            --on-boot) ON_BOOT=install; shift ;;
+            --no-on-boot) ON_BOOT=remove; shift ;;
+            --at-boot) AT_BOOT=1; shift ;;  # what the boot service runs (see install_on_boot)
             --dry-run) DRY_RUN=1; shift ;;
             -h | --help) usage; exit 0 ;;
             --) shift; PASSTHROUGH+=("$@"); break ;;
@@ -325,6 +340,10 @@ get_code() {
     local top
     if top=$(in_checkout "$SCRIPT_DIR"); then
         CODE_DIR=$top
+        if ((AT_BOOT)); then
+            say "at boot: continuing with the code in $CODE_DIR as it is (a run is not updated mid-way)"
+            return
+        fi
         say "updating the checkout this script is in: $CODE_DIR"
         update_checkout "$CODE_DIR"
         return
@@ -358,6 +377,123 @@ setup_venv() {
     run "$VENV/bin/pip" install --upgrade pip
     run "$VENV/bin/pip" install -r "$CODE_DIR/requirements.txt"
     ((DRY_RUN)) || printf '%s\n' "$sum" >"$stamp"
+}
+
+# ------------------------------------------------------------------------------------------ boot
+# --on-boot: a systemd service runs this script with --at-boot and the run's options after each boot. It runs
+# once per boot (Type=oneshot, never restarted), and --at-boot itself starts train.py only when the run's last
+# log says it neither finished nor stopped for a reason a restart cannot fix, so nothing can loop.
+boot_unit() { printf 'train-%s.service' "$SESSION"; }
+boot_script() { printf '%s/train-%s.boot.sh' "$UNIT_DIR" "$SESSION"; }
+
+check_on_boot_possible() {
+    [[ -d $SYSTEMD_RUN_DIR ]] || die "--on-boot installs a systemd service, but systemd is not running on this \
+machine ($SYSTEMD_RUN_DIR does not exist; containers usually have no systemd). Leave out --on-boot and rerun \
+this script by hand after a reboot."
+    [[ $SESSION =~ ^[A-Za-z0-9_.-]+$ ]] || die "--on-boot names its service after the tmux session, so \
+--session may only hold letters, digits, '.', '_' and '-', not '$SESSION'."
+}
+
+install_on_boot() {
+    local unit script user
+    unit=$(boot_unit)
+    script=$(boot_script)
+    user=$(id -un)
+    local saved=(--at-boot --output-dir "$OUTPUT_DIR" --session "$SESSION")
+    ((DEMO)) && saved+=(--demo)
+    [[ -n $DEVICE ]] && saved+=(--device "$DEVICE")
+    saved+=(-- "${PASSTHROUGH[@]}")
+    # The boot command is a bash script, so the options and environment keep their exact words (%q), which a
+    # unit file's own quoting rules would not guarantee.
+    local body
+    body="#!/bin/bash
+# Written by setup_and_train.sh --on-boot and run by $unit at boot: resumes the run in $OUTPUT_DIR.
+# Remove both: $CODE_DIR/setup_and_train.sh --no-on-boot --session $SESSION
+export PATH=$(printf '%q' "$PATH") HOME=$(printf '%q' "${HOME:-}") MOUNT_POINT=$(printf '%q' "$MOUNT_POINT") \\
+    DATASET_PATH=$(printf '%q' "$DATASET_PATH") VENV=$(printf '%q' "$VENV") FSTAB=$(printf '%q' "$FSTAB") \\
+    DEV_DIR=$(printf '%q' "$DEV_DIR")
+exec /bin/bash $(printf '%q' "$CODE_DIR/setup_and_train.sh") $(printf '%q ' "${saved[@]}")
+"
+    local unit_text="[Unit]
+Description=Resume the training run in $OUTPUT_DIR (tmux session $SESSION) after a boot
+Wants=network-online.target
+After=network-online.target local-fs.target remote-fs.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+User=$user
+ExecStart=/bin/bash $script
+# Waiting for a late data volume and train.py's start-up checks take as long as they take.
+TimeoutStartSec=infinity
+# At shutdown every process of the run gets SIGTERM: train.py saves a checkpoint on it, within this.
+TimeoutStopSec=120
+
+[Install]
+WantedBy=multi-user.target
+"
+    if ((DRY_RUN)); then
+        printf '[dry-run] write %s and %s, then: systemctl daemon-reload; systemctl enable %s\n' "$script" \
+            "$UNIT_DIR/$unit" "$unit"
+        return
+    fi
+    printf '+ write %s\n' "$script"
+    printf '%s' "$body" | $SUDO tee "$script" >/dev/null
+    printf '+ write %s\n' "$UNIT_DIR/$unit"
+    printf '%s' "$unit_text" | $SUDO tee "$UNIT_DIR/$unit" >/dev/null
+    run $SUDO systemctl daemon-reload
+    run $SUDO systemctl enable "$unit"
+}
+
+remove_on_boot() {
+    local unit script
+    unit=$(boot_unit)
+    script=$(boot_script)
+    if [[ ! -f $UNIT_DIR/$unit ]]; then
+        say "no boot service $unit is installed ($UNIT_DIR/$unit does not exist): nothing to remove"
+        return
+    fi
+    run $SUDO systemctl disable "$unit"
+    run $SUDO rm -f "$UNIT_DIR/$unit" "$script"
+    run $SUDO systemctl daemon-reload
+    say "removed $unit: the run no longer resumes by itself at boot (rerun this script to continue it)"
+}
+
+# The service starts before a slow EBS attachment may have been mounted (the fstab entry has nofail).
+wait_for_volume() {
+    local deadline=$((SECONDS + BOOT_WAIT_SECONDS)) said=0
+    until mountpoint -q "$MOUNT_POINT"; do
+        ((SECONDS < deadline)) || die "at boot: $MOUNT_POINT was not mounted within $BOOT_WAIT_SECONDS s, so the \
+run was not resumed. Attach the data volume, mount it (sudo mount $MOUNT_POINT) and rerun setup_and_train.sh, \
+or: sudo systemctl restart $(boot_unit)"
+        ((said)) || say "at boot: waiting up to $BOOT_WAIT_SECONDS s for the data volume at $MOUNT_POINT"
+        said=1
+        sleep 1
+    done
+    say "at boot: $MOUNT_POINT is mounted"
+}
+
+# Whether the run's newest log lets a boot restart it: not after it finished, stopped on a non-finite loss or
+# weights, or was refused. Otherwise (killed, stopped by a signal and saved, crashed) it resumes. The reason for
+# leaving it alone goes to the journal (stdout) and to the end of that log.
+resumable_at_boot() {
+    local log status reason=""
+    log=$(find "$OUTPUT_DIR/logs" -name 'train-*.log' 2>/dev/null | sort | tail -n 1)
+    [[ -n $log ]] || return 0
+    status=$(status_in_log "$log")
+    case $status in
+        2) reason="its last start was refused (exit status 2: a setting, the data or the checkpoint needs a fix; \
+see the error above)" ;;
+        3) reason="it stopped because the loss or the weights became non-finite (exit status 3); restarting \
+would only repeat that. Lower --lr or change --precision, then rerun setup_and_train.sh" ;;
+        0) if grep -q -e '^Training finished' -e 'This run is already finished' "$log"; then
+               reason="it has finished"
+           fi ;;
+    esac
+    [[ -n $reason ]] || return 0
+    say "at boot: not restarting the run in $OUTPUT_DIR: $reason. Log: $log"
+    printf '%s\n' "setup_and_train.sh at boot, $(date '+%F %T'): not restarted: $reason." >>"$log"
+    return 1
 }
 
 # ------------------------------------------------------------------------------------------ train
@@ -477,9 +613,16 @@ main() {
     origin=$(git -C "$SCRIPT_DIR" remote get-url origin 2>/dev/null || true)
     REPO_URL=${REPO_URL:-${origin:-https://github.com/CHANGE-ME/resnet50-imagenet.git}}
     ((DRY_RUN)) && say "dry run: printing actions, changing nothing"
+    if [[ $ON_BOOT == remove ]]; then
+        remove_on_boot
+        return
+    fi
+    [[ $ON_BOOT == install ]] && check_on_boot_possible
 
     if ((DEMO)); then
         say "demo mode: skipping disk and mount setup"
+    elif ((AT_BOOT)); then
+        wait_for_volume
     else
         setup_disk
     fi
@@ -504,8 +647,20 @@ once it is mounted, the default is $MOUNT_POINT/runs/resnet50 for data on that v
         fi
     fi
     say "the run lives in $OUTPUT_DIR"
+    if ((AT_BOOT)) && ! resumable_at_boot; then
+        return
+    fi
     setup_venv
     start_training
+    if [[ $ON_BOOT == install ]]; then
+        install_on_boot
+        say "installed $(boot_unit): after a reboot or a spot stop and start, this run resumes by itself in tmux \
+session '$SESSION'. Remove it: ./setup_and_train.sh --no-on-boot --session $SESSION"
+    elif [[ -f $UNIT_DIR/$(boot_unit) ]]; then
+        say "$(boot_unit) resumes this run at boot (remove it: ./setup_and_train.sh --no-on-boot --session $SESSION)"
+    elif [[ -d $SYSTEMD_RUN_DIR ]]; then
+        say "to have this run resume by itself after a reboot or a spot stop and start, rerun with --on-boot"
+    fi
 }
 
 # main runs from a single parsed function and exits on the same line: `git pull` may rewrite this file
