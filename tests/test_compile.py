@@ -107,6 +107,7 @@ def test_an_unknown_compile_backend_is_refused_in_one_line(capsys):
     assert "--compile-backend must name a torch.compile backend" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_two_compiled_processes_split_the_graph_stop_on_sigterm_mid_epoch_and_resume(few_digits_dir, tmp_path):
     """Two gloo processes compile resnet26_narrow, whose 3.5 MB of gradients fill DDP's first bucket (1 MiB) and a
     second: dynamo splits the graph there, so that the first bucket's all-reduce can overlap the rest of the
