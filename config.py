@@ -80,7 +80,13 @@ class Config:
     device: str = setting("auto", "cuda if available, else cpu", choices=["auto", "cuda", "cpu"])
     precision: str = setting("auto", "auto: bf16 where the GPU supports it, else fp16 with loss scaling; fp32 on CPU",
                              choices=["auto", "bf16", "fp16", "fp32"])
-    compile: bool = setting(False, "torch.compile the model (slower start, faster steps)")
+    compile: bool = setting(False, "torch.compile the model: one static graph per image size, compiled at its "
+                                   "first step (slower start, faster steps)")
+    compile_backend: str = setting("inductor", "with --compile: torch.compile's backend. inductor generates the fast "
+                                               "kernels; aot_eager and eager only capture the graph (aot_eager "
+                                               "also traces autograd; under DDP both split it per gradient bucket) "
+                                               "and run it with eager kernels: seconds to compile, for telling "
+                                               "which stage a compile problem is in")
     seed: int = setting(0, "decides initial weights, data order and every augmentation")
     checkpoint_minutes: float = setting(10.0, "also save mid-epoch this often (a checkpoint is always saved per epoch)")
     log_every: int = setting(10, "steps between host syncs: progress bar, stop requests, periodic saves, NaN check")
@@ -104,8 +110,8 @@ DEMO_SETTINGS = dict(data_dir=str(DEMO_DATA_DIR), output_dir=str(DEMO_OUTPUT_DIR
 # Settings of this machine or this invocation rather than of the run: a resume takes them from the command
 # line or their defaults, never from the checkpoint.
 SESSION_SETTINGS = {"data_dir", "output_dir", "workers", "decode", "gpu_decode_share", "device", "compile",
-                    "checkpoint_minutes", "log_every", "usd_per_hour", "instance_type", "no_resume", "demo",
-                    "tensorboard"}
+                    "compile_backend", "checkpoint_minutes", "log_every", "usd_per_hour", "instance_type", "no_resume",
+                    "demo", "tensorboard"}
 
 
 def add_config_argument(parser: argparse.ArgumentParser, f) -> None:
@@ -175,6 +181,13 @@ def config_problems(cfg: Config) -> list[str]:
         problems.append(f"--warmup-epochs must be in [0, --epochs = {cfg.epochs}), --ema-decay in [0, 1)")
     if not 0 <= cfg.gpu_decode_share <= 1:
         problems.append("--gpu-decode-share must be in [0, 1]")
+    if cfg.compile:
+        import torch._dynamo  # only runs that compile pay for its import (about a second)
+
+        if cfg.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+            problems.append(f"--compile-backend must name a torch.compile backend (inductor, aot_eager or eager; "
+                            f"torch._dynamo.list_backends(exclude_tags=()) lists them all), not "
+                            f"{cfg.compile_backend!r}")
     return problems
 
 

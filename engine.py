@@ -17,7 +17,16 @@ import torch.nn.functional as F
 
 from config import Config, UsageError
 from dali_decode import DaliBatchDecoder, dali_missing, hardware_jpeg_decoder
-from data import ImageFolderDataset, Normalizer, TrainBatchSampler, ValBatchSampler, collate, make_loader, usable_cores
+from data import (
+    ImageFolderDataset,
+    Normalizer,
+    TrainBatchSampler,
+    ValBatchSampler,
+    collate,
+    make_loader,
+    progressive_image_size,
+    usable_cores,
+)
 from gpu_decode import DeviceBatchDecoder, EncodedImageFolderDataset, collate_encoded, model_batch
 from model import ARCHITECTURES
 from recipes import WeightAverage, parameter_groups
@@ -94,9 +103,21 @@ def build_training(raw_model: torch.nn.Module, cfg: Config, rt: Runtime, channel
         model = torch.nn.parallel.DistributedDataParallel(raw_model,
                                                           device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
-        model = torch.compile(model)
+        model = compile_model(model, cfg)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     return Training(raw_model, model, optimizer, scaler, criterion, ema, precision, amp_dtype)
+
+
+def compile_model(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
+    """torch.compile with one static graph per training image size. Left to itself, dynamo recompiles at the
+    second size with symbolic height and width and runs that slower, general graph for every size after it;
+    progressive resizing changes the size only a few times a run, each then compiled once for its own shape.
+    Beyond its recompile limit (8 graphs per function by default) dynamo falls back to eager, so the limit is
+    raised to the number of sizes this run trains at. Validation runs the bare model, eagerly, and adds no graph."""
+    sizes = {progressive_image_size(epoch, cfg.epochs, cfg.start_image_size, cfg.image_size)
+             for epoch in range(cfg.epochs)}
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(sizes))
+    return torch.compile(model, dynamic=False, backend=cfg.compile_backend)
 
 
 def train_step(t: Training, x: torch.Tensor, labels: torch.Tensor, lr: float, step: int):

@@ -78,7 +78,7 @@ def describe_holder(text: str) -> str:
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc1", "train_acc5", "val_loss", "val_acc1", "val_acc5",
                   "epoch_seconds", "images_per_second", "train_images", "val_images", "skipped_images", "image_size",
                   "val_seconds", "ema_val_loss", "ema_val_acc1", "ema_val_acc5", "data_wait_pct",
-                  "first_batch_seconds"]
+                  "first_batch_seconds", "compile_seconds"]
 
 
 def append_metrics(path: Path, rows: list[dict]) -> None:
@@ -217,8 +217,9 @@ def write_epoch_outputs(out: Path, row: dict, history: list[dict]) -> None:
 
 
 def epoch_summary(row: dict, cfg, seconds_spent: float, device_type: str, workers: int) -> str:
-    """The line each epoch ends with: scores, speed, the data wait (with advice), time and money."""
-    to_go = (cfg.epochs - row["epoch"]) * (row["epoch_seconds"] + row["val_seconds"])
+    """The line each epoch ends with: scores, speed, the data wait (with advice), time and money. The time to go
+    assumes the epochs to come compile nothing: under progressive resizing a new size compiles once more."""
+    to_go = (cfg.epochs - row["epoch"]) * (row["epoch_seconds"] - row["compile_seconds"] + row["val_seconds"])
     cost = f"{format_duration(seconds_spent)} so far, about {format_duration(to_go)} to go"
     if cfg.usd_per_hour:
         cost += (f", ${cfg.usd_per_hour * seconds_spent / 3600:,.2f} spent, about "
@@ -227,7 +228,10 @@ def epoch_summary(row: dict, cfg, seconds_spent: float, device_type: str, worker
             f"val loss {row['val_loss']:.4f} top-1 {row['val_acc1']:.2f}% top-5 {row['val_acc5']:.2f}% on "
             f"{row['val_images']:,} images"
             + (f" (weight average: top-1 {row['ema_val_acc1']:.2f}%)" if "ema_val_acc1" in row else "")
-            + f" | {row['epoch_seconds']:.0f} s, {row['images_per_second']:.0f} img/s, waiting for data "
+            + f" | {row['epoch_seconds']:.0f} s"
+            + (f" ({row['compile_seconds']:.0f} s of it compiling, left out of img/s and the time to go)"
+               if row["compile_seconds"] else "")
+            + f", {row['images_per_second']:.0f} img/s, waiting for data "
             f"{row['data_wait_pct']:.0f}% of the time"
             + data_wait_advice(row["data_wait_pct"] / 100, cfg.decode, cfg.gpu_decode_share, device_type, workers)
             + f" | {cost}"

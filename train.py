@@ -87,6 +87,12 @@ class Run:
     # skipped images) and the training seconds it took so far.
     carried: torch.Tensor = field(default_factory=lambda: torch.zeros(5, dtype=torch.float64))
     carried_seconds: float = 0.0
+    # The unfinished epoch's steps that compiled a graph (--compile: the first at each input shape in this
+    # process), across resumes: their seconds, within the epoch's, and their images. Speeds and the time to go
+    # leave them out; metrics.csv reports the seconds as compile_seconds.
+    compile_seconds: float = 0.0
+    compile_images: int = 0
+    compiled_shapes: set[torch.Size] = field(default_factory=set)
     board: outputs.TrainingBoard | None = None  # live curves, written by rank 0
 
     @property
@@ -124,6 +130,8 @@ def checkpoint_state(run: Run, epoch_sums: torch.Tensor, seconds: float) -> dict
         "samples_done": run.samples_done,
         "epoch_sums": epoch_sums.tolist(),
         "epoch_seconds": seconds,
+        "epoch_compile_seconds": run.compile_seconds,
+        "epoch_compile_images": run.compile_images,
         "history": run.history,
         "config": asdict(run.cfg),
         "class_names": run.classes,
@@ -177,6 +185,8 @@ def resume(run: Run, state: dict) -> None:
     run.epoch, run.samples_done, run.history = state["epoch"], state["samples_done"], state["history"]
     run.carried = torch.tensor(state["epoch_sums"], dtype=torch.float64)
     run.carried_seconds = state["epoch_seconds"]
+    run.compile_seconds = state.get("epoch_compile_seconds", 0.0)
+    run.compile_images = state.get("epoch_compile_images", 0)
     # The command line wins over the saved hyperparameters.
     fresh = parameter_groups(t.raw_model, cfg.weight_decay, cfg.bias_decay)
     for group, new in zip(t.optimizer.param_groups, fresh, strict=True):
@@ -231,6 +241,7 @@ def train_epoch(run: Run) -> EpochResult:
                disable=not run.rt.master)
     started = last_sync = time.perf_counter()
     last_save, synced_steps = time.monotonic(), 0
+    compiled_at_sync = (run.compile_seconds, run.compile_images)
     waiting = engine.LoaderWait(data.train_loader)
     epoch_sums = last_sums = run.carried
     for i, (batch, labels, skipped) in enumerate(waiting):
@@ -240,7 +251,15 @@ def train_epoch(run: Run) -> EpochResult:
         for line in skipped:
             log(f"Skipped an unreadable training image: {line}")
         lr = run.lr_at(run.global_step())
+        compiles = cfg.compile and x.shape not in run.compiled_shapes
+        step_started = time.perf_counter()
         loss, logits = engine.train_step(run.training, x, labels, lr, run.global_step())
+        if compiles:
+            # Compiling is host work, done when the call returns; the step's own device work, queued behind it,
+            # counts with the steps that follow. No sync: one step's kernels are noise beside a compile.
+            run.compiled_shapes.add(x.shape)
+            run.compile_seconds += time.perf_counter() - step_started
+            run.compile_images += data.sampler.global_batch
         top1, top5 = engine.accuracy_counts(logits, labels)
         sums += torch.stack([loss.double() * len(labels), top1.double(), top5.double()])
         images, skipped_images = images + len(labels), skipped_images + len(skipped)
@@ -259,10 +278,13 @@ def train_epoch(run: Run) -> EpochResult:
                                 f"lower --lr, or --precision bf16/fp32 instead of fp16.")
         now = time.perf_counter()
         bar.update(i + 1 - synced_steps)
-        report_progress(run, bar, epoch_sums, epoch_sums - last_sums, lr,
-                        (i + 1 - synced_steps) * data.sampler.global_batch / (now - last_sync),
-                        waiting.seconds / (now - started), run.carried_seconds + now - started)
+        speed = steady_images_per_second((i + 1 - synced_steps) * data.sampler.global_batch, now - last_sync,
+                                         run.compile_images - compiled_at_sync[1],
+                                         run.compile_seconds - compiled_at_sync[0])
+        report_progress(run, bar, epoch_sums, epoch_sums - last_sums, lr, speed, waiting.seconds / (now - started),
+                        run.carried_seconds + now - started)
         synced_steps, last_sync, last_sums = i + 1, now, epoch_sums
+        compiled_at_sync = (run.compile_seconds, run.compile_images)
         if packet[5] > 0 or packet[6] > 0:
             save(run, epoch_sums, run.carried_seconds + now - started)
             last_save = time.monotonic()
@@ -273,6 +295,14 @@ def train_epoch(run: Run) -> EpochResult:
     seconds = time.perf_counter() - started
     return EpochResult("done", epoch_sums, run.carried_seconds + seconds, waiting.seconds / max(seconds, 1e-9),
                        waiting.first_batch_seconds)
+
+
+def steady_images_per_second(images: float, seconds: float, compile_images: float, compile_seconds: float) -> float:
+    """img/s of the steps that compiled nothing, which is what the rest of the run will see; of all of them where
+    every step compiled."""
+    if images > compile_images:
+        images, seconds = images - compile_images, seconds - compile_seconds
+    return images / max(seconds, 1e-9)
 
 
 def report_progress(run: Run, bar: tqdm, epoch_sums: torch.Tensor, window: torch.Tensor, lr: float,
@@ -308,8 +338,11 @@ def epoch_row(run: Run, epoch: EpochResult, val: dict, val_seconds: float) -> di
     skipped += val.pop("val_skipped")
     return {"epoch": run.epoch + 1, "lr": run.lr_at(run.global_step() - 1), "train_loss": loss / images,
             "train_acc1": 100 * top1 / images, "train_acc5": 100 * top5 / images, **val,
-            "epoch_seconds": epoch.seconds, "images_per_second": images / epoch.seconds, "train_images": int(images),
-            "skipped_images": int(skipped), "image_size": run.data.train_set.image_size_at(run.epoch),
+            "epoch_seconds": epoch.seconds, "compile_seconds": run.compile_seconds,
+            "images_per_second": steady_images_per_second(images, epoch.seconds, run.compile_images,
+                                                          run.compile_seconds),
+            "train_images": int(images), "skipped_images": int(skipped),
+            "image_size": run.data.train_set.image_size_at(run.epoch),
             "val_seconds": val_seconds, "data_wait_pct": 100 * epoch.data_wait,
             "first_batch_seconds": epoch.first_batch_seconds}
 
@@ -334,6 +367,7 @@ def fit(run: Run) -> int:
         run.history.append(row)
         run.epoch, run.samples_done = run.epoch + 1, 0
         run.carried, run.carried_seconds = torch.zeros(5, dtype=torch.float64), 0.0
+        run.compile_seconds, run.compile_images = 0.0, 0
         save(run, run.carried, 0.0)
         if run.rt.master:
             outputs.write_epoch_outputs(run.out, row, run.history)

@@ -215,11 +215,11 @@ def test_an_output_folder_that_vanishes_or_turns_read_only_stops_cleanly(digits_
 
 # ---------------------------------------------------------------------------------------- a DDP rank dies
 
-def torchrun(*args, restarts=0):
+def torchrun(*args, restarts=0, **popen_kwargs):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            f"--max-restarts={restarts}", str(REPO / "train.py"), *map(str, args)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, **popen_kwargs)
 
 
 def worker_pid(launcher: subprocess.Popen, rank: int) -> int:
