@@ -26,7 +26,7 @@ from torchvision.transforms import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmark import positive_int  # noqa: E402
+from measure import positive_int  # noqa: E402
 from data import (  # noqa: E402
     IMAGENET_MEAN,
     IMAGENET_STD,
