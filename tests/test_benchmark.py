@@ -14,6 +14,8 @@ import torch
 from conftest import FAST, REPO
 from PIL import Image
 
+from benchmark import build_parser
+
 
 def benchmark(*args, timeout=300) -> list[dict]:
     result = subprocess.run([sys.executable, "benchmark.py", *map(str, args), "--json"], cwd=REPO,
@@ -285,3 +287,89 @@ def test_the_time_budget_passes_unused_time_on_to_later_sections():
     # b finished at once: c (2 of the remaining weight 3) gets two thirds of what is left, not half of the original.
     assert budget.deadline("b") - start == pytest.approx(left / 3, abs=0.5)
     assert budget.deadline("c") == budget.end
+
+
+@pytest.fixture
+def without(tmp_path):
+    """An environment for a subprocess in which the named packages cannot be imported, as on a stock GPU image
+    that lacks them."""
+    def env(*packages):
+        hidden = tmp_path / "hidden"
+        for package in packages:
+            (hidden / package).mkdir(parents=True)
+            (hidden / package / "__init__.py").write_text(f"raise ImportError('{package} is hidden here')\n")
+        return {**os.environ, "PYTHONPATH": os.pathsep.join([str(hidden), os.environ.get("PYTHONPATH", "")])}
+    return env
+
+
+def test_without_simplejpeg_train_py_refuses_in_one_line_naming_the_requirements(digits_dir, tmp_path, without):
+    result = subprocess.run([sys.executable, "train.py", "--data-dir", digits_dir, "--output-dir", tmp_path / "run",
+                             *FAST], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env=without("simplejpeg"))
+    assert result.returncode == 2
+    assert result.stderr == ("error: simplejpeg, the loader's JPEG decoder, is not installed; install the "
+                             "requirements with `pip install -r requirements.txt`.\n")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what gpu-check does on a machine without a GPU")
+def test_gpu_check_without_scikit_learn_and_simplejpeg_records_what_each_section_lacks(tmp_path, without):
+    """A stock GPU image: gpu-check still starts, each section says in one line why it did not measure, and the
+    JSON lines and the table are written."""
+    out = tmp_path / "check.jsonl"
+    result, rows = run_gpu_check(out, env=without("simplejpeg", "sklearn"))
+    by = {what: [r for r in rows if r["what"] == what] for what in {r["what"] for r in rows}}
+    assert by["make-data"] == [{"what": "make-data", "status": "skipped",
+                                "reason": "scikit-learn is not installed (pip install -r requirements.txt)"}]
+    no_data = "no data: make-data needs scikit-learn (pip install -r requirements.txt)"
+    assert all(r["status"] == "skipped" and r["reason"] in (no_data, "no CUDA device")
+               for r in by["loader"] + by["train"] + by["sync-check"] + by["compute"])
+    assert by["loader"][0]["reason"] == no_data and by["sync-check"][0]["reason"] == no_data
+    assert by["summary"][0]["status"] == "ok" and "Traceback" not in result.stderr
+    assert out.with_suffix(".md").read_text().startswith("## No GPU")
+
+
+def test_gpu_check_without_simplejpeg_measures_only_the_torchvision_route(monkeypatch):
+    import data
+    import gpu_check
+
+    monkeypatch.setattr(data, "simplejpeg", None)
+    missing = "simplejpeg is not installed (pip install -r requirements.txt)"
+    assert gpu_check.route_unavailable("torchvision", cuda=True) is None
+    assert all(gpu_check.route_unavailable(route, cuda) == missing for route in ("cpu", "gpu", "dali")
+               for cuda in (False, True))
+
+
+def test_gpu_check_skips_a_dali_that_is_installed_but_fails_to_load(monkeypatch):
+    """pip's nvidia-dali built for another CUDA imports its package but not its libraries: a reason to skip the
+    route, not to fail it."""
+    import gpu_check
+
+    monkeypatch.setattr(gpu_check, "dali_missing", lambda: "OSError: libnvimgcodec.so.0: cannot open shared object")
+    assert gpu_check.route_unavailable("dali", cuda=True) == (
+        "nvidia-dali cannot be imported (OSError: libnvimgcodec.so.0: cannot open shared object; pip install -r "
+        "requirements-dali.txt)")
+    monkeypatch.setattr(gpu_check, "dali_missing", lambda: None)
+    assert gpu_check.route_unavailable("dali", cuda=True) is None
+
+
+def test_a_gpu_check_section_that_raises_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):
+    import gpu_check
+
+    def disk_full(self, root):
+        raise OSError(28, "No space left on device")
+
+    ran = []
+    monkeypatch.setattr(gpu_check.GpuCheck, "make_data", disk_full)
+    for section in ("compute", "compile"):
+        monkeypatch.setattr(gpu_check.GpuCheck, section, lambda self, name=section: ran.append(name))
+    for section in ("loaders", "train_runs", "sync"):
+        monkeypatch.setattr(gpu_check.GpuCheck, section, lambda self, root, name=section: ran.append(name))
+    args = build_parser().parse_args(["gpu-check", "--out", str(tmp_path / "check.jsonl"), "--minutes", "1"])
+    assert gpu_check.gpu_check(args) == 1
+    assert ran == ["compute", "loaders", "train_runs", "sync", "compile"]
+    rows = [json.loads(line) for line in (tmp_path / "check.jsonl").read_text().splitlines()]
+    assert rows[1] == {"what": "section", "section": "make-data", "status": "failed",
+                       "reason": "OSError: [Errno 28] No space left on device"}
+    assert rows[2]["what"] == "summary" and rows[2]["failed"] == 1
+    assert ("The make-data section stopped: OSError: [Errno 28] No space left on device (the sections after it "
+            "went on).") in (tmp_path / "check.md").read_text()
