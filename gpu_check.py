@@ -488,7 +488,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compute-sizes", type=pixel_sizes, default=[224, 176],
                         help="compute-only sizes, besides --image-size")
     parser.add_argument("--steps", type=positive_int, default=50,
-                        help="train.py: timed steps (whole epochs), after a warm-up epoch")
+                        help="train.py: timed steps (whole epochs), after a warm-up epoch; the sync check's steps")
     parser.add_argument("--compute-steps", type=positive_int, default=30)
     parser.add_argument("--warmup", type=non_negative_int, default=10, help="compute-only: untimed steps first")
     parser.add_argument("--workers", type=non_negative_int, default=max(1, usable_cores() - 1))

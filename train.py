@@ -247,7 +247,7 @@ class SyncCheck:
 
 @dataclass
 class EpochResult:
-    outcome: str  # "done", or "stop": a stop request was saved mid-epoch
+    outcome: str  # "done"; "stop": a stop request was saved mid-epoch; "checked": --sync-check-steps ran its steps
     sums: torch.Tensor  # train loss, top-1, top-5, images, skipped images: the whole epoch, all ranks
     seconds: float  # training time of the whole epoch, across resumes
     data_wait: float  # this process's share of the time since the epoch began or resumed spent waiting for data
