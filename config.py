@@ -97,6 +97,11 @@ class Config:
                                 action=argparse.BooleanOptionalAction)
     instance_type: str = setting("", "take --usd-per-hour from recipes.INSTANCE_PRICES (dated list prices)",
                                  choices=["", *INSTANCE_PRICES])
+    sync_check_steps: int = setting(0, "a check for developers (benchmark.py gpu-check runs it): train this many "
+                                       "steps, on to the next sync point, with torch.cuda.set_sync_debug_mode"
+                                       "(\"warn\") on in the step loop between its sync points, write each place "
+                                       "there where the host waited for the GPU, and the steps that ran, to "
+                                       "OUTPUT_DIR/sync_check.json, and stop without saving; 0: off")
     no_resume: bool = setting(False, "start a new run; an existing one in --output-dir is moved to a subfolder")
     demo: bool = setting(False, "train on the bundled digits dataset (small network, 32 px) instead of ImageNet")
 
@@ -111,7 +116,7 @@ DEMO_SETTINGS = dict(data_dir=str(DEMO_DATA_DIR), output_dir=str(DEMO_OUTPUT_DIR
 # line or their defaults, never from the checkpoint.
 SESSION_SETTINGS = {"data_dir", "output_dir", "workers", "decode", "gpu_decode_share", "device", "compile",
                     "compile_backend", "checkpoint_minutes", "log_every", "usd_per_hour", "instance_type", "no_resume",
-                    "demo", "tensorboard"}
+                    "demo", "tensorboard", "sync_check_steps"}
 
 
 def add_config_argument(parser: argparse.ArgumentParser, f) -> None:
@@ -168,6 +173,8 @@ def config_problems(cfg: Config) -> list[str]:
                         f"total downsampling ({cfg.image_size} and {cfg.eval_image_size} given)")
     if cfg.threads < 0:
         problems.append(f"--threads must be 0 (measured) or more, not {cfg.threads}")
+    if cfg.sync_check_steps < 0:
+        problems.append(f"--sync-check-steps must be 0 (off) or more, not {cfg.sync_check_steps}")
     if cfg.workers < -1:
         problems.append(f"--workers must be -1 (one per free core) or 0 and up, not {cfg.workers}")
     if cfg.usd_per_hour < 0 or cfg.lr_reference_batch < 0:

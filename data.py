@@ -18,12 +18,16 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import simplejpeg
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from dataset_paths import is_image
+
+try:
+    import simplejpeg
+except ImportError:  # scripts that decode no JPEG here (benchmark.py's compute rows) must still start
+    simplejpeg = None
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -150,6 +154,14 @@ def resize_region(image: np.ndarray, box: tuple[float, float, float, float], ima
     return resized[0, :, top:top + image_size, left:left + image_size].permute(1, 2, 0).numpy()
 
 
+def simplejpeg_missing() -> str | None:
+    """Why the loader cannot decode JPEGs here, in one line, or None."""
+    if simplejpeg is None:
+        return ("simplejpeg, the loader's JPEG decoder, is not installed; install the requirements with "
+                "`pip install -r requirements.txt`.")
+    return None
+
+
 def decode_crop(path: bytes, box_fn, image_size: int) -> np.ndarray:
     """The region box_fn(width, height) of the image file at `path` resized to image_size x image_size, as a
     writable HWC uint8 RGB array.
@@ -163,6 +175,8 @@ def decode_crop(path: bytes, box_fn, image_size: int) -> np.ndarray:
     PIL alone. box_fn is called once, after the decode has settled which path serves the file, so a
     sample's random draws do not depend on the path.
     """
+    if simplejpeg is None:  # not decode_region_pil instead: it resizes to other pixels, silently
+        raise ModuleNotFoundError(simplejpeg_missing())
     with open(os.fsdecode(path), "rb") as file:  # the path as PIL spells it, so a missing file reads the same
         data = file.read()
     try:

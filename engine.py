@@ -25,6 +25,7 @@ from data import (
     collate,
     make_loader,
     progressive_image_size,
+    simplejpeg_missing,
     usable_cores,
 )
 from gpu_decode import DeviceBatchDecoder, EncodedImageFolderDataset, collate_encoded, model_batch
@@ -296,6 +297,8 @@ class Data:
 
 def build_data(cfg: Config, classes: list[str], rt: Runtime, workers: int, with_val: bool = True) -> Data:
     """Loaders over data_dir's train/ (this rank's shard, in the resumable order of data.py) and val/."""
+    if simplejpeg_missing():  # every route decodes some files in the workers: refuse here, not in each of them
+        raise UsageError(simplejpeg_missing())
     root = Path(cfg.data_dir)
     dataset, collate_fn, pin, to_model_input = input_pipeline(cfg.decode, rt.device, cfg.gpu_decode_share)
     train_set = dataset(root / "train", classes, True, cfg.image_size, cfg.seed, cfg.min_crop_scale,

@@ -1,28 +1,31 @@
 """`python benchmark.py gpu-check`: every measurement of benchmark.py on one rented GPU box within a time budget
 (8 minutes by default), written as JSON lines and as a markdown table ready for BENCHMARKS.md. benchmark.py
-parses its flags; this module holds the plan, the budget and the report.
+parses its flags and calls gpu_check(); this module holds the plan, the budget and the report, and takes its
+measurements from measure.py.
 """
 
 import argparse
-import ast
 import contextlib
 import datetime
-import importlib.util
-import inspect
 import json
 import os
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 import traceback
-import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from benchmark import (
+from config import Config
+from dali_decode import dali_missing
+from data import list_samples, simplejpeg_missing, usable_cores
+from dataset_paths import check_layout
+from engine import build_data
+from gpu_decode import model_batch
+from measure import (
     MODELS,
     REPO,
     STOP_GRACE_SECONDS,
@@ -31,10 +34,10 @@ from benchmark import (
     decode_routes,
     environment,
     non_negative_int,
+    one_gpu_env,
     positive_float,
     positive_int,
     reference_loader,
-    report,
     run_until,
     shares,
     significant,
@@ -43,18 +46,13 @@ from benchmark import (
     time_train_steps,
     write_dataset,
 )
-from config import Config
-from data import list_samples, usable_cores
-from dataset_paths import check_layout
-from engine import build_data
-from gpu_decode import model_batch
 from runtime import Runtime
 
 # Each section's weight in the time budget. Time a section leaves unused passes on to the later ones, and
 # torch.compile (about a minute per measurement, mostly compiling) comes last, to take what is left.
 SECTION_WEIGHTS = {"make-data": 0.12, "compute": 0.10, "loader": 0.15, "train": 0.38, "sync-check": 0.10,
                    "compile": 0.15}
-GPU_ONLY_SECTIONS = {"compute", "sync-check", "compile"}
+GPU_ONLY_SECTIONS = {"compute", "compile"}
 NO_CUDA = "no CUDA device"
 
 
@@ -90,29 +88,21 @@ def time_cap(section: str, deadline: float, estimate: float = 0.0) -> str | None
 
 
 def route_unavailable(route: str, cuda: bool) -> str | None:
-    """Why an input route cannot be measured on this box, or None."""
-    if route in ("torchvision", "cpu"):
+    """Why an input route cannot be measured on this box, or None. Every route of train.py decodes some files in
+    its loader workers, so all of them need simplejpeg; the torchvision reference needs nothing more."""
+    if route == "torchvision":
+        return None
+    if simplejpeg_missing():
+        return "simplejpeg is not installed (pip install -r requirements.txt)"
+    if route == "cpu":
         return None
     if not cuda:
         return NO_CUDA
     if route not in decode_routes():
         return f"train.py --decode has no {route} route in this version (it takes {', '.join(decode_routes())})"
-    if route == "dali":
-        try:
-            found = importlib.util.find_spec("nvidia.dali") is not None
-        except ModuleNotFoundError:
-            found = False
-        if not found:
-            return "nvidia-dali is not installed (pip install nvidia-dali-cuda120)"
+    if route == "dali" and dali_missing():  # not installed, or installed for another CUDA and failing to load
+        return f"nvidia-dali cannot be imported ({dali_missing()}; pip install -r requirements-dali.txt)"
     return None
-
-
-def one_gpu_env() -> dict:
-    """train.py would spread over every GPU; each measurement here uses one."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if torch.cuda.device_count() > 1:
-        env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
-    return env
 
 
 def measure_loader(route: str, share: float | None, root: Path, args, device: torch.device, seconds: float) -> float:
@@ -141,99 +131,40 @@ def measure_loader(route: str, share: float | None, root: Path, args, device: to
     return time_loader(dl, seconds, finish=finish)
 
 
-SYNC_MESSAGE = "called a synchronizing CUDA operation"
-
-
-def step_loop_lines(function) -> set[int]:
-    """Line numbers of a training loop's per-step code: the loop over batches, from its first line through
-    the `if ... log_every ...: continue` that lets all but every log_every-th step skip the sync point."""
-    source, first = inspect.getsourcelines(function)
-    for loop in ast.walk(ast.parse(textwrap.dedent("".join(source)))):
-        for statement in loop.body if isinstance(loop, ast.For) else []:
-            if (isinstance(statement, ast.If) and "log_every" in ast.unparse(statement.test)
-                    and any(isinstance(s, ast.Continue) for s in statement.body)):
-                return set(range(first + loop.lineno - 1, first + statement.end_lineno))
-    raise LookupError(f"{function.__qualname__} has no loop with an `if ... log_every ...: continue`, so the sync "
-                      f"check cannot tell its per-step code from its sync points")
-
-
-class StepLoopSyncs:
-    """A warnings.showwarning that counts, by place, the synchronizations torch's sync debug mode reports while
-    `function` (train.train_epoch) is in its per-step code; every other warning goes on to `show`."""
-
-    def __init__(self, function, show):
-        self.name, self.path = function.__name__, os.path.realpath(inspect.getsourcefile(function))
-        self.lines, self.show, self.sites = step_loop_lines(function), show, {}
-
-    def __call__(self, message, category, filename, lineno, file=None, line=None):
-        if SYNC_MESSAGE not in str(message):
-            return self.show(message, category, filename, lineno, file, line)
-        stack = [f for f in traceback.extract_stack()[:-1] if f.filename != warnings.__file__]
-        loop = [i for i, f in enumerate(stack) if f.name == self.name and os.path.realpath(f.filename) == self.path]
-        if loop and stack[loop[-1]].lineno in self.lines:  # else a sync point, or not the loop at all
-            site = " -> ".join(f"{Path(f.filename).name}:{f.lineno} {f.line}" for f in stack[loop[-1]:])
-            self.sites[site] = self.sites.get(site, 0) + 1
-
-
-def sync_check_child(result_path: str, argv: list[str]) -> int:
-    """train.main(argv) under torch.cuda.set_sync_debug_mode("warn"), writing to result_path every place in
-    train_epoch's per-step code where the host waited for the device. Warnings, not errors: the loop's
-    deliberate sync points, validation and checkpoints synchronize too, and go on as usual."""
-    import train
-
-    result = {"exit": None, "steps": 0, "sites": {}, "error": None}
-    try:
-        syncs = StepLoopSyncs(train.train_epoch, warnings.showwarning)
-    except LookupError as err:
-        result["error"] = str(err)
-        Path(result_path).write_text(json.dumps(result))
-        return 1
-    step = train.train_step
-
-    def counted_step(*args, **kwargs):
-        result["steps"] += 1
-        return step(*args, **kwargs)
-
-    warnings.showwarning, train.train_step, result["sites"] = syncs, counted_step, syncs.sites
-    warnings.filterwarnings("always", message=".*" + SYNC_MESSAGE)  # every occurrence, not the first per line
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        result["exit"] = train.main(argv)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-        Path(result_path).write_text(json.dumps(result))
-    return result["exit"]
-
-
-def sync_check(root: Path, args, deadline: float) -> dict:
-    """One epoch of `python train.py --precision bf16 --decode cpu` (the defaults on a bf16 GPU), failing if its
-    step loop synchronizes the host anywhere but at its sync points. fp16 would: GradScaler.step reads its
-    found-inf flag on the host every step. So would --decode gpu: the decoder drains the stream before nvJPEG
-    runs (see gpu_decode.DeviceBatchDecoder.decode)."""
-    row = {"what": "sync-check", "precision": "bf16", "decode": "cpu", "log_every": Config.log_every}
+def sync_check(root: Path, args, deadline: float, cuda: bool) -> dict:
+    """`python train.py --sync-check-steps` (bf16, `--decode cpu`: the defaults on a bf16 GPU without DALI):
+    fails if its step loop synchronizes the host anywhere but at its sync points. fp16 would: GradScaler.step
+    reads its found-inf flag on the host every step. So would --decode gpu: the decoder drains the stream before
+    nvJPEG runs (see gpu_decode.DeviceBatchDecoder.decode). Without a GPU the steps run, in the CPU's fp32 (bf16
+    is slower there), and nothing can be observed."""
+    precision = "bf16" if cuda else "fp32"
+    row = {"what": "sync-check", "precision": precision, "decode": "cpu", "log_every": Config.log_every}
     with tempfile.TemporaryDirectory(prefix="sync-check-") as out:
-        result = Path(out) / "result.json"
-        command = [sys.executable, "-c", "import sys, gpu_check; sys.exit(gpu_check.sync_check_child(sys.argv[1], "
-                   "sys.argv[2:]))", str(result), "--data-dir", str(root), "--output-dir", str(Path(out) / "run"),
-                   "--epochs", "1", "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
-                   "--workers", str(args.workers), "--precision", "bf16", "--decode", "cpu"]
+        result = Path(out) / "sync_check.json"
+        command = [sys.executable, str(REPO / "train.py"), "--data-dir", str(root), "--output-dir", out,
+                   "--sync-check-steps", str(args.steps), "--epochs", "1", "--batch-size", str(args.batch_size),
+                   "--image-size", str(args.image_size), "--workers", str(args.workers), "--precision", precision,
+                   "--decode", "cpu", "--no-tensorboard"]
         stopped = False
         try:
-            code = run_until(command, deadline, stdout=sys.stderr, env=one_gpu_env(), cwd=REPO)
-        except OutOfTime:  # train.py saved and stopped at SIGTERM: the steps it ran were checked
+            code = run_until(command, deadline, stdout=sys.stderr, env=one_gpu_env())
+        except OutOfTime:  # train.py stopped at SIGTERM: the steps it ran were checked
             code, stopped = None, True
         found = json.loads(result.read_text()) if result.exists() else None
-    if found and found["error"]:
-        return {**row, "status": "failed", "reason": found["error"]}
     if not (found and found["steps"]):
         if stopped:
-            return {**row, "status": "skipped", "reason": "the sync-check section's time cap, before the first step"}
-        return {**row, "status": "failed", "reason": f"train.py under the sync check ran no step (exit status {code})"}
-    row.update(steps=found["steps"], syncs=sum(found["sites"].values()), sites=found["sites"])
+            return {**row, "status": "skipped", "reason": "the sync-check section's time cap, before the first "
+                                                          "sync point"}
+        return {**row, "status": "failed", "reason": f"train.py --sync-check-steps wrote no result (exit status "
+                                                     f"{code}; its error is above)"}
+    row.update(steps=found["steps"], syncs=found["syncs"], sites=found["sites"])
+    if code:
+        return {**row, "status": "failed", "reason": f"train.py --sync-check-steps failed (exit status {code})"}
+    if not found["observed"]:
+        return {**row, "status": "skipped", "reason": f"{NO_CUDA}: synchronizations cannot be observed; "
+                                                      f"{found['steps']} steps ran through train.py's loop"}
     if found["sites"]:
         return {**row, "status": "failed", "reason": "the step loop synchronizes between sync points"}
-    if code or found["exit"]:
-        return {**row, "status": "failed", "reason": f"train.py failed (exit status {code})"}
     return {**row, "status": "ok", **({"note": "stopped at its time cap"} if stopped else {})}
 
 
@@ -268,14 +199,16 @@ class GpuCheck:
         self.device = torch.device("cuda" if self.cuda else "cpu")
         self.budget = Budget(args.minutes, {k: w for k, w in SECTION_WEIGHTS.items()
                                             if self.cuda or k not in GPU_ONLY_SECTIONS})
-        self.no_data = "no data: make-data did not run"
+        self.no_data = "no data: make-data did not finish"
         sizes = list(dict.fromkeys([args.image_size, *args.compute_sizes]))
         self.grid = [(p, s, m) for p in ("bf16", "fp16") for s in sizes for m in MODELS]
         self.routes = [("torchvision", None), ("cpu", None), ("dali", None),
                        *(("gpu", share) for share in args.gpu_decode_shares)]
 
     def record(self, **row) -> dict:
-        self.rows.append(report(self.args, **row))
+        self.rows.append(row)
+        if self.args.json:
+            print(json.dumps(row), flush=True)
         self.out.write(json.dumps(row) + "\n")
         self.out.flush()  # what was measured survives a kill
         return row
@@ -291,8 +224,15 @@ class GpuCheck:
 
     def make_data(self, root: Path) -> None:
         """The JPEGs every input route reads."""
-        args = self.args
-        row = write_dataset(root, args.images, args.classes, self.budget.deadline("make-data"))
+        args, deadline = self.args, self.budget.deadline("make-data")
+        try:
+            import sklearn  # noqa: F401  (the photographs the JPEGs are cut from)
+        except ImportError:
+            self.no_data = "no data: make-data needs scikit-learn (pip install -r requirements.txt)"
+            self.record(what="make-data", status="skipped", reason="scikit-learn is not installed (pip install -r "
+                                                                   "requirements.txt)")
+            return
+        row = write_dataset(root, args.images, args.classes, deadline)
         del row["out"]  # a temporary folder
         row["train_images"] = len(list_samples(root / "train", check_layout(root).classes)[1])
         if row["train_images"] < args.batch_size:
@@ -382,6 +322,8 @@ class GpuCheck:
     def train_runs(self, root: Path) -> None:
         """train.py end to end on each of its input routes, related to compute-only."""
         args = self.args
+        if self.cuda:  # train.py needs the memory this process cached
+            torch.cuda.empty_cache()
         compute_only = {(r["precision"], r["image_size"]): r["img_s"] for r in self.rows if r["what"] == "compute"
                         and r["status"] == "ok" and r["model"] == "project" and not r["compile"]}
         deadline, estimate = self.budget.deadline("train"), 0.0
@@ -412,11 +354,13 @@ class GpuCheck:
 
     def sync(self, root: Path) -> None:
         deadline = self.budget.deadline("sync-check")
-        reason = self.precision_unavailable("bf16") or self.no_data or time_cap("sync-check", deadline)
+        # Without a GPU it still runs: the steps go through train.py's loop, though no sync can be seen.
+        reason = ((self.cuda and self.precision_unavailable("bf16")) or self.no_data
+                  or route_unavailable("cpu", self.cuda) or time_cap("sync-check", deadline))
         if reason:
             self.record(what="sync-check", status="skipped", reason=reason)
         else:
-            self.record(**sync_check(root, self.args, deadline))
+            self.record(**sync_check(root, self.args, deadline, self.cuda))
 
 
 def gpu_check(args) -> int:
@@ -429,15 +373,17 @@ def gpu_check(args) -> int:
         check, root = GpuCheck(args, out), Path(tmp) / "data"
         check.record(**environment(), code=code_version(), command=" ".join(sys.argv),
                      settings={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
+        # The compiled runs come last: they take whatever time is left.
+        sections = {"make-data": partial(check.make_data, root), "compute": check.compute,
+                    "loader": partial(check.loaders, root), "train": partial(check.train_runs, root),
+                    "sync-check": partial(check.sync, root), "compile": check.compile}
         try:
-            check.make_data(root)
-            check.compute()
-            check.loaders(root)
-            if torch.cuda.is_available():  # train.py and the compiled runs need the memory this process cached
-                torch.cuda.empty_cache()
-            check.train_runs(root)
-            check.sync(root)
-            check.compile()  # last: it takes whatever time is left
+            for name, section in sections.items():
+                try:
+                    section()
+                except Exception as err:  # recorded, and the sections after it still run
+                    check.failed(err, what="section", section=name)
+                    check.budget.weights.pop(name, None)  # its share of the time passes on
         finally:  # a Ctrl-C too leaves the rows so far, and their table
             seconds = time.monotonic() - started
             table = markdown(check.rows, jsonl, seconds)
@@ -487,6 +433,8 @@ def markdown(rows: list[dict], jsonl: Path, seconds: float) -> str:
              + f"loader workers: {settings['workers']}. {counts['ok']} measurements, {counts['skipped']} skipped, "
              f"{counts['failed']} failed, in {seconds:.0f} s of a {settings['minutes']:g}-minute budget; one run "
              f"each. Raw rows: `{shown}`.", "",
+             *[line for r in rows if r["what"] == "section" for line in (
+                 f"The {r['section']} section stopped: {r['reason']} (the sections after it went on).", "")],
              "### Compute only", "",
              f"train.py's step (`engine.train_step`) on a synthetic batch resident on the GPU, channels_last; "
              f"{settings['warmup']} warm-up and {settings['compute_steps']} timed steps.", ""]
@@ -517,8 +465,9 @@ def markdown(rows: list[dict], jsonl: Path, seconds: float) -> str:
             number(r["img_s"]), number(r["steady_img_s"]), f"{r['data_wait_pct']:.0f}%",
             "" if r["steady_ratio"] is None else f"{r['steady_ratio']:.2f}x"])] for r in of["train"]])
     lines += ["### Sync check", "",
-              "One epoch of train.py (bf16, `--decode cpu`) under `torch.cuda.set_sync_debug_mode(\"warn\")`: does "
-              "its step loop make the host wait for the GPU anywhere but at its sync points?", ""]
+              f"`python train.py --sync-check-steps {settings['steps']}` (bf16, `--decode cpu`): does its step loop, "
+              f"under `torch.cuda.set_sync_debug_mode(\"warn\")`, make the host wait for the GPU anywhere but at its "
+              f"sync points? Without a GPU the steps run (in fp32) but nothing can be observed.", ""]
     lines += md_table(["result", "where"], [
         [f"{r['status']}: no sync in {r['steps']} steps" if r["status"] == "ok" else
          f"{r['status']}: {r['reason']}" + (f" ({r['syncs']} in {r['steps']} steps)" if r.get("sites") else ""),
@@ -539,7 +488,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compute-sizes", type=pixel_sizes, default=[224, 176],
                         help="compute-only sizes, besides --image-size")
     parser.add_argument("--steps", type=positive_int, default=50,
-                        help="train.py: timed steps (whole epochs), after a warm-up epoch")
+                        help="train.py: timed steps (whole epochs), after a warm-up epoch; the sync check's steps")
     parser.add_argument("--compute-steps", type=positive_int, default=30)
     parser.add_argument("--warmup", type=non_negative_int, default=10, help="compute-only: untimed steps first")
     parser.add_argument("--workers", type=non_negative_int, default=max(1, usable_cores() - 1))

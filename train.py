@@ -14,12 +14,16 @@ metrics.csv and the plot in outputs.py.
 """
 
 import gc
+import json
 import math
 import os
 import signal
 import sys
 import time
+import traceback
+import warnings
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -94,6 +98,7 @@ class Run:
     compile_images: int = 0
     compiled_shapes: set[torch.Size] = field(default_factory=set)
     board: outputs.TrainingBoard | None = None  # live curves, written by rank 0
+    sync_check: "SyncCheck | None" = None  # --sync-check-steps
 
     @property
     def out(self) -> Path:
@@ -197,8 +202,9 @@ def resume(run: Run, state: dict) -> None:
         return  # finished; main says so
     log(f"Resuming {run.out}: epoch {run.epoch + 1}, {run.samples_done:,}/{len(run.data.train_set):,} images of "
         f"it done.")
+    # saved.get(k, v): a setting newer than the checkpoint changed nothing worth announcing.
     changed = {k: (saved.get(k), v) for k, v in asdict(cfg).items()
-               if k not in ("no_resume", "demo") and saved.get(k) != v}
+               if k not in ("no_resume", "demo") and saved.get(k, v) != v}
     if state["world_size"] != run.rt.world_size:
         changed["processes"] = (state["world_size"], run.rt.world_size)
     for key, (old, new) in changed.items():
@@ -218,9 +224,40 @@ def resume(run: Run, state: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------------- the loop
 
+SYNC_WARNING = "called a synchronizing CUDA operation"  # the warning of torch's sync debug mode
+
+
+class SyncCheck:
+    """--sync-check-steps: torch.cuda.set_sync_debug_mode("warn") from the start of each step to the loop's next
+    sync point, where the host waits by design, and every synchronization torch reports in between counted by
+    its place in the code. Without a CUDA device torch observes none, but the steps run all the same."""
+
+    def __init__(self, steps: int, device: torch.device):
+        self.wanted, self.observed = steps, device.type == "cuda"
+        self.steps, self.sites = 0, {}
+
+    def step_begins(self) -> None:
+        self.steps += 1
+        if self.observed:
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def sync_point(self) -> None:
+        if self.observed:
+            torch.cuda.set_sync_debug_mode("default")
+
+    def showwarning(self, show, message, category, filename, lineno, file=None, line=None):
+        """warnings.showwarning while the check runs: syncs are counted, every other warning goes on to `show`."""
+        if SYNC_WARNING not in str(message):
+            return show(message, category, filename, lineno, file, line)
+        stack = [f for f in traceback.extract_stack()[:-1] if f.filename != warnings.__file__]
+        loop = [i for i, f in enumerate(stack) if f.name == "train_epoch" and f.filename == __file__]
+        site = " -> ".join(f"{Path(f.filename).name}:{f.lineno} {f.line}" for f in stack[loop[-1] if loop else -3:])
+        self.sites[site] = self.sites.get(site, 0) + 1
+
+
 @dataclass
 class EpochResult:
-    outcome: str  # "done", or "stop": a stop request was saved mid-epoch
+    outcome: str  # "done"; "stop": a stop request was saved mid-epoch; "checked": --sync-check-steps ran its steps
     sums: torch.Tensor  # train loss, top-1, top-5, images, skipped images: the whole epoch, all ranks
     seconds: float  # training time of the whole epoch, across resumes
     data_wait: float  # this process's share of the time since the epoch began or resumed spent waiting for data
@@ -245,6 +282,8 @@ def train_epoch(run: Run) -> EpochResult:
     waiting = engine.LoaderWait(data.train_loader)
     epoch_sums = last_sums = run.carried
     for i, (batch, labels, skipped) in enumerate(waiting):
+        if run.sync_check:
+            run.sync_check.step_begins()
         # Decoding on the device may find a file unreadable: then it replaces the image, its label and skipped.
         x, labels, skipped = model_batch(data.to_model_input, batch, labels, skipped)
         labels = labels.to(device, non_blocking=True)
@@ -266,6 +305,8 @@ def train_epoch(run: Run) -> EpochResult:
         run.samples_done += data.sampler.global_batch
         if (i + 1) % cfg.log_every and i != steps - 1:
             continue
+        if run.sync_check:
+            run.sync_check.sync_point()
         # The sync point: one all-reduce carries the metrics and every rank's votes, so all ranks take the same
         # decisions at the same step.
         due = run.rt.master and time.monotonic() - last_save >= cfg.checkpoint_minutes * 60
@@ -291,6 +332,9 @@ def train_epoch(run: Run) -> EpochResult:
             if packet[5] > 0:
                 bar.close()
                 return EpochResult("stop", epoch_sums, 0.0, 0.0, 0.0)
+        if run.sync_check and run.sync_check.steps >= run.sync_check.wanted:
+            bar.close()
+            return EpochResult("checked", epoch_sums, 0.0, 0.0, 0.0)
     bar.close()
     seconds = time.perf_counter() - started
     return EpochResult("done", epoch_sums, run.carried_seconds + seconds, waiting.seconds / max(seconds, 1e-9),
@@ -384,6 +428,29 @@ def fit(run: Run) -> int:
     return 0
 
 
+def check_syncs(run: Run) -> int:
+    """--sync-check-steps: the steps under a SyncCheck, its findings in OUTPUT_DIR/sync_check.json and the log.
+    The check is no training: nothing is saved."""
+    check = run.sync_check = SyncCheck(run.cfg.sync_check_steps, run.rt.device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("always", message=SYNC_WARNING)  # each one, not just the first at each place
+        warnings.showwarning = partial(check.showwarning, warnings.showwarning)
+        try:
+            train_epoch(run)
+        finally:
+            check.sync_point()  # a step that raised left the debug mode on
+    syncs = sum(check.sites.values())
+    if run.rt.master:
+        (run.out / "sync_check.json").write_text(json.dumps(
+            {"steps": check.steps, "observed": check.observed, "syncs": syncs, "sites": check.sites}, indent=1))
+    if not check.observed:
+        log(f"Sync check: {check.steps} steps ran, but without a CUDA device no synchronization can be observed.")
+    else:
+        log(f"Sync check: {syncs} synchronizations in {check.steps} steps between the loop's sync points"
+            + "".join(f"\n  {n} x {site}" for site, n in check.sites.items()))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------- main
 
 def prepare(cfg: Config) -> list[str]:
@@ -442,6 +509,8 @@ def run_training(cfg: Config, classes: list[str], explicit: set[str], rt: Runtim
             log(f"This run is already finished ({run.epoch} of {cfg.epochs} epochs, val top-1 {last:.2f}%). "
                 f"Outputs are in {run.out}. Pass a larger --epochs to train on, or --no-resume to start over.")
             return 0
+    if cfg.sync_check_steps:
+        return check_syncs(run)
     run.board = outputs.open_board(cfg.tensorboard and rt.master, run.out, run.images_seen())
     try:
         return fit(run)

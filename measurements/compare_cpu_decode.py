@@ -26,7 +26,6 @@ from torchvision.transforms import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmark import positive_int  # noqa: E402
 from data import (  # noqa: E402
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -38,6 +37,7 @@ from data import (  # noqa: E402
     sample_rng,
 )
 from dataset_paths import DatasetLayoutError, check_layout  # noqa: E402
+from measure import positive_int  # noqa: E402
 
 
 def main() -> None:

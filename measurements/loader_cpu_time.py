@@ -22,9 +22,9 @@ from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmark import non_negative_int, positive_int  # noqa: E402
 from data import ImageFolderDataset, TrainBatchSampler, make_loader  # noqa: E402
 from dataset_paths import DatasetLayoutError, check_layout  # noqa: E402
+from measure import non_negative_int, positive_int  # noqa: E402
 
 
 def cpu_seconds() -> float:

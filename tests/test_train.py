@@ -143,10 +143,14 @@ def test_changed_settings_on_resume_are_announced_and_applied(digits_dir, tmp_pa
     out = tmp_path / "run"
     args = ["--data-dir", digits_dir, "--output-dir", out, *FAST]
     assert run_train(*args, "--epochs", 1).returncode == 0
+    state = torch.load(out / LATEST, map_location="cpu", weights_only=True)
+    del state["config"]["sync_check_steps"]  # as saved before the setting existed
+    torch.save(state, out / LATEST)
     result = run_train(*args, "--epochs", 2, "--lr", "0.1", "--batch-size", "48")
     assert result.returncode == 0, result.stderr
     for line in ("epochs: 1 -> 2", "lr: 1.6 -> 0.1", "batch_size: 32 -> 48", "LR schedule is recomputed"):
         assert line in result.stdout
+    assert "sync_check_steps" not in result.stdout  # a setting newer than the run changed nothing
     state = torch.load(out / LATEST, map_location="cpu", weights_only=True)
     assert state["config"]["lr"] == 0.1 and state["epoch"] == 2
     wrong_arch = run_train(*args, "--epochs", 3, "--arch", "resnet26_narrow")
