@@ -38,13 +38,13 @@ import torch
 import torchvision
 from PIL import Image
 
-from config import Config
+from config import Config, UsageError
 from data import ImageFolderDataset, TrainBatchSampler, list_samples, make_loader, usable_cores
 from dataset_paths import DatasetLayoutError, check_layout, class_folders
 from engine import build_training, train_step
 from gpu_decode import DeviceBatchDecoder, EncodedImageFolderDataset, collate_encoded
 from model import resnet50
-from runtime import Runtime, resolve_precision
+from runtime import Runtime, resolve_device, resolve_precision
 
 REPO = Path(__file__).resolve().parent
 RESULTS: list[dict] = []
@@ -398,6 +398,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main() -> int:
     parser = build_parser()
     args = parser.parse_args()
+    if args.command != "make-data":
+        try:  # every measurement would run on the CPU of a GPU box whose torch cannot use its GPUs
+            resolve_device("auto")
+        except UsageError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     if args.command == "gpu-check":  # its own environment row, in its file too, and a table at the end
         from gpu_check import gpu_check
 
