@@ -158,7 +158,8 @@ class Box:
 
     def gpus(self, driver, capability="9.0", count=8):
         """An NVIDIA driver that nvidia-smi reports with `count` GPUs of this compute capability."""
-        write_stub(self.bin / "nvidia-smi", f'for i in $(seq {count}); do echo "{driver}, {capability}, Disabled"; done')
+        row = f"{driver}, {capability}, Disabled"
+        write_stub(self.bin / "nvidia-smi", f'for i in $(seq {count}); do echo "{row}"; done')
 
     def run(self, *args, check=True):
         proc = subprocess.run(["bash", str(self.code / "setup_and_train.sh"), *args], env=self.env,
