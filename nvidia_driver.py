@@ -208,7 +208,7 @@ def check_torch() -> int:
                   file=sys.stderr)
             return 2
     print(f"PyTorch {torch.__version__} (CUDA {torch.version.cuda}) runs on {'all ' if count > 1 else ''}{count} "
-          f"GPU{'s' if count != 1 else ''}" if count else f"PyTorch {torch.__version__}: no NVIDIA GPU here")
+          f"GPU{'s' if count != 1 else ''}" if count else f"PyTorch {torch.__version__} sees no GPU")
     return 0
 
 
