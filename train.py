@@ -36,8 +36,8 @@ from gpu_decode import model_batch
 from recipes import WeightAverage, learning_rate, parameter_groups, peak_lr
 from runtime import Runtime, all_reduce, launch_one_process_per_gpu, log, resolve_device, setup_distributed
 
-# A CPU run on more training images than this says what an epoch will take before it starts: ImageNet's 1.28
-# million take days per epoch on a CPU, and the progress bar's estimate shows only once the epoch is under way.
+# A CPU run on more training images than this says what an epoch will take before it starts: on ImageNet the
+# progress bar's estimate shows only once a slow first stretch of the epoch is under way.
 CPU_FORECAST_ABOVE_IMAGES = 100_000
 
 # ---------------------------------------------------------------------------------------------------- signals

@@ -2,6 +2,7 @@
 the driver, torch's CUDA version and the fix. nvidia-smi is a stub on PATH (it cannot exist here); train.py,
 evaluate.py, lr_finder.py and benchmark.py are the real ones."""
 
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -142,7 +143,7 @@ def test_the_other_scripts_refuse_too(script, tmp_path, monkeypatch, capsys):
             "lr_finder": ["--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "lr")],
             "benchmark": ["compute", "--steps", "1", "--batch-size", "2", "--image-size", "32", "--warmup", "0",
                           "--rounds", "1", "--models", "project"]}[script]  # light, should it run
-    module = __import__(script)
+    module = importlib.import_module(script)
     if script == "benchmark":
         monkeypatch.setattr(sys, "argv", ["benchmark.py", *argv])
         code = module.main()
