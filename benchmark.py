@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from config import UsageError
 from data import ImageFolderDataset, TrainBatchSampler, make_loader, usable_cores
 from dataset_paths import DatasetLayoutError, check_layout, class_folders
 from gpu_check import add_arguments, gpu_check
@@ -45,6 +46,7 @@ from measure import (
     write_dataset,
 )
 from model import resnet50
+from runtime import resolve_device
 
 RESULTS: list[dict] = []
 GPU_CHECK = ("Every measurement here on one box, within --minutes: compute-only "
@@ -171,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main() -> int:
     parser = build_parser()
     args = parser.parse_args()
+    if args.command != "make-data":
+        try:  # every measurement would run on the CPU of a GPU box whose torch cannot use its GPUs
+            resolve_device("auto")
+        except UsageError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     if args.command == "gpu-check":  # its own environment row, in its file too, and a table at the end
         return gpu_check(args)
     if args.json:

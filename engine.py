@@ -316,30 +316,50 @@ def build_data(cfg: Config, classes: list[str], rt: Runtime, workers: int, with_
     return Data(train_set, sampler, train_loader, val_loader, to_model_input)
 
 
-def measure_threads(t: Training, data: Data, rt: Runtime, workers: int, steps: int = 4) -> tuple[int, str]:
-    """A new CPU run's compute threads: its own step, on a copy of the model, fed by its own loader, timed with
-    compute on the cores the workers leave and on every core. The real model, optimizer and RNG are untouched.
-    Returns the count and the measurement behind it (0 where there is nothing to choose)."""
-    cores = cores_per_process(rt)
-    few = max(1, cores - workers)
-    if (rt.device.type != "cpu" or few == cores or "OMP_NUM_THREADS" in os.environ
-            or data.sampler.steps_per_epoch() < 2 * steps + 3):
-        return 0, ""
-    rng = torch.get_rng_state()  # a loader iterator draws its workers' base seed from it
-    model = copy.deepcopy(t.raw_model)
-    batches = iter(data.train_loader)
+class StepTimer:
+    """Times training steps on a copy of the model, fed by its own loader: the real model, optimizer and RNG
+    are untouched once close() has run."""
 
-    def seconds_per_step(threads: int) -> float:
+    def __init__(self, t: Training, data: Data):
+        self.rng = torch.get_rng_state()  # a loader iterator draws its workers' base seed from it
+        self.criterion, self.to_model_input = t.criterion, data.to_model_input
+        self.model = copy.deepcopy(t.raw_model)
+        self.batches = iter(data.train_loader)
+        next(self.batches)  # the workers' start-up is no step's
+
+    def seconds_per_step(self, threads: int, steps: int) -> float:
         torch.set_num_threads(threads)
         for i in range(steps + 1):  # the first, at a new thread count, is a warm-up
             if i == 1:
                 start = time.perf_counter()
-            x, labels, _ = model_batch(data.to_model_input, *next(batches))
-            t.criterion(model(x), labels).backward()
+            x, labels, _ = model_batch(self.to_model_input, *next(self.batches))
+            self.criterion(self.model(x), labels).backward()
         return (time.perf_counter() - start) / steps
 
-    next(batches)  # the workers' start-up is no step's
-    on_few, on_every = seconds_per_step(few), seconds_per_step(cores)
-    torch.set_rng_state(rng)
-    return threads_for(on_few, on_every, cores, workers), (f"a step took {on_few:.3f} s on {few} and {on_every:.3f} "
-                                                           f"s on {cores} threads beside {workers} workers")
+    def close(self) -> None:
+        torch.set_rng_state(self.rng)
+
+
+def measure_threads(t: Training, data: Data, rt: Runtime, workers: int, steps: int = 4) -> tuple[int, str, float]:
+    """A new CPU run's compute threads: its own step, on a copy of the model, fed by its own loader, timed with
+    compute on the cores the workers leave and on every core. Returns the count, the measurement behind it and
+    the seconds per step at that count (0, "", 0.0 where there is nothing to choose)."""
+    cores = cores_per_process(rt)
+    few = max(1, cores - workers)
+    if (rt.device.type != "cpu" or few == cores or "OMP_NUM_THREADS" in os.environ
+            or data.sampler.steps_per_epoch() < 2 * steps + 3):
+        return 0, "", 0.0
+    timer = StepTimer(t, data)
+    on_few, on_every = timer.seconds_per_step(few, steps), timer.seconds_per_step(cores, steps)
+    timer.close()
+    threads = threads_for(on_few, on_every, cores, workers)
+    return threads, (f"a step took {on_few:.3f} s on {few} and {on_every:.3f} s on {cores} threads beside "
+                     f"{workers} workers"), on_every if threads == cores else on_few
+
+
+def measure_step_seconds(t: Training, data: Data, steps: int = 2) -> float:
+    """Seconds per training step at torch's present thread count, as measure_threads times them."""
+    timer = StepTimer(t, data)
+    seconds = timer.seconds_per_step(torch.get_num_threads(), steps)
+    timer.close()
+    return seconds

@@ -297,12 +297,12 @@ def train_command(cfg: Config, explicit: dict, lr: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     cfg, sweep, explicit = parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        device = torch.device(resolve_device(cfg.device))
         out = Path(sweep.output_dir)
         check_output_dir(out)
         if cfg.demo and Path(cfg.data_dir) == DEMO_DATA_DIR:
             make_demo_dataset(DEMO_DATA_DIR)
         layout = check_layout(cfg.data_dir)
-        device = torch.device(resolve_device(cfg.device))
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UsageError("The LR finder runs as one process on one GPU; start it with python, not torchrun.")
         print(f"Data: {layout.summary()}\nSweeping LR {sweep.start_lr:g} -> {sweep.end_lr:g} over "

@@ -239,6 +239,8 @@ def epoch_summary(row: dict, cfg, seconds_spent: float, device_type: str, worker
 
 
 def format_duration(seconds: float) -> str:
+    if seconds >= 2 * 86400:
+        return f"{seconds / 86400:.1f} days"
     if seconds >= 5400:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from config import UsageError
+from nvidia_driver import gpus_torch_cannot_use
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
@@ -46,6 +47,16 @@ def log(message: str) -> None:
 
 
 def resolve_device(requested: str) -> str:
+    """auto: cuda where torch sees a GPU, else cpu. On a machine whose NVIDIA driver reports GPUs that torch
+    does not see (a build for a newer driver, a build without CUDA, a GPU in an error state), auto and cuda
+    refuse with the fix instead of training on the CPU unasked: --device cpu, or CUDA_VISIBLE_DEVICES= set
+    empty, is how to mean the CPU."""
+    if requested == "cpu":
+        return requested
+    problem = gpus_torch_cannot_use(torch.cuda.device_count(), torch.__version__, torch.version.cuda,
+                                    os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if problem:
+        raise UsageError(problem)
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():

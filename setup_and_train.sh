@@ -10,6 +10,9 @@ Usage: setup_and_train.sh [options] [--] [train.py options]
 Mounts the data volume at $MOUNT_POINT (default /mnt/imagenet), adds it to /etc/fstab, creates a venv
 on it, gets or updates the code, and starts `python train.py` in a tmux session (nohup if tmux is
 missing). Rerunning it resumes training: train.py picks up its last checkpoint in the output dir.
+On an NVIDIA GPU box the venv gets the PyTorch build that the driver (nvidia-smi) runs, and train.py starts
+only once that PyTorch runs on every GPU nvidia-smi lists; a venv whose PyTorch no longer suits the driver
+is reinstalled.
 
 Options:
   --device /dev/NAME       data disk to use (default: the largest unmounted, non-root EBS disk;
@@ -359,6 +362,66 @@ repository URL: set REPO_URL or pass --repo-url."
 }
 
 # ------------------------------------------------------------------------------------------ python
+# PyPI's torch is the CUDA 13.0 build, which sees no GPU on a driver older than 580. nvidia_driver.py reads the
+# driver and the GPUs (nvidia-smi) and names the build on PyTorch's own index that runs on them:
+#   driver 580 or newer, every GPU Turing (compute capability 7.5) or newer  -> cu130, the build PyPI serves
+#   driver 525.60.13 to 579, or a Maxwell, Pascal or Volta GPU (V100)        -> cu126, the last CUDA 12 build
+#   anything else (an older driver, Blackwell on a driver below 580)         -> refused, with the driver to install
+# (BUILDS there says why these two of the builds torch 2.14 has). Empty: no NVIDIA GPU, PyPI's build as always.
+TORCH_INDEX=""
+
+# train.py's ways to mean the CPU, given to this script: `-- --device cpu`, or CUDA_VISIBLE_DEVICES set empty.
+wants_cpu() {
+    [[ ${CUDA_VISIBLE_DEVICES+set} == set && -z $CUDA_VISIBLE_DEVICES ]] && return 0
+    local i
+    for ((i = 0; i < ${#PASSTHROUGH[@]}; i++)); do
+        [[ ${PASSTHROUGH[i]} == --device=cpu ]] && return 0
+        [[ ${PASSTHROUGH[i]} == --device && ${PASSTHROUGH[i + 1]:-} == cpu ]] && return 0
+    done
+    return 1
+}
+
+choose_torch_build() {
+    if wants_cpu; then
+        say "train.py is told to use the CPU: PyPI's PyTorch build, no GPU check"
+        return
+    fi
+    if ((DRY_RUN)) && [[ ! -f $CODE_DIR/nvidia_driver.py ]]; then
+        say "[dry-run] the PyTorch build for this machine's NVIDIA driver is chosen once the code is cloned"
+        return
+    fi
+    # Exits with its status where no build runs on this driver; it has said why.
+    TORCH_INDEX=$(python3 -B "$CODE_DIR/nvidia_driver.py" build) || exit $?
+    [[ -z $TORCH_INDEX ]] || return 0
+    local hardware problem="nvidia-smi is not installed"
+    hardware=$(lspci -nn 2>/dev/null | grep -E '\[030[0-2]\]:.*\[10de:' | head -n 1) || true
+    if [[ -n $hardware ]]; then
+        if command -v nvidia-smi >/dev/null; then
+            problem="nvidia-smi fails: $(nvidia-smi 2>&1 | head -n 1)"
+        fi
+        die "This machine has NVIDIA hardware (${hardware#* }) but no working NVIDIA driver ($problem), so \
+PyTorch would see no GPU and train.py would run on the CPU. Install a driver and reboot: on Ubuntu \
+'sudo apt-get update && sudo apt-get install -y nvidia-driver-580-server' (or 'sudo ubuntu-drivers install \
+--gpgpu'), then 'sudo reboot' and rerun this script. After a kernel update, a reboot alone often brings back a \
+driver that was installed. A GPU image with the driver installed (AWS's Deep Learning Base AMI, for one) \
+avoids this step. To train on the CPU on purpose, rerun with '-- --device cpu'."
+    fi
+    say "no NVIDIA driver or GPU found: PyPI's PyTorch build; train.py will run on the CPU"
+}
+
+# The torch and torchvision lines of requirements.txt: the build comes in a version the code admits.
+install_torch_build() {
+    local specs
+    mapfile -t specs < <(grep -E '^(torch|torchvision)([<>=!~ ;[]|$)' "$CODE_DIR/requirements.txt")
+    # An installed torch of another build satisfies the same versions, and pip would keep it.
+    run "$VENV/bin/pip" uninstall -y torch torchvision
+    run "$VENV/bin/pip" install "${specs[@]}" --index-url "$TORCH_INDEX"
+}
+
+venv_torch_runs_on_gpus() {
+    "$VENV/bin/python" -B "$CODE_DIR/nvidia_driver.py" check
+}
+
 setup_venv() {
     if [[ ! -x $VENV/bin/python ]]; then
         if ! python3 -c 'import ensurepip' 2>/dev/null; then
@@ -367,16 +430,34 @@ setup_venv() {
         fi
         run python3 -m venv "$VENV"
     fi
-    # Skipping an unchanged requirements.txt keeps reruns fast.
-    local stamp=$VENV/.requirements.sha256 sum
-    sum=$(sha256sum "$CODE_DIR/requirements.txt" | cut -d' ' -f1)
+    # Skipping an unchanged requirements.txt keeps reruns fast. The stamp names the build too: after a driver
+    # change that needs another one, the venv is reinstalled.
+    local stamp=$VENV/.requirements.sha256 sum installed=0
+    sum="$(sha256sum "$CODE_DIR/requirements.txt" | cut -d' ' -f1)${TORCH_INDEX:+ $TORCH_INDEX}"
     if [[ -f $stamp && $(<"$stamp") == "$sum" ]]; then
         say "requirements.txt unchanged since the last install"
+    else
+        run "$VENV/bin/pip" install --upgrade pip
+        if [[ -n $TORCH_INDEX ]]; then install_torch_build; fi
+        run "$VENV/bin/pip" install -r "$CODE_DIR/requirements.txt"
+        ((DRY_RUN)) || printf '%s\n' "$sum" >"$stamp"
+        installed=1
+    fi
+    [[ -n $TORCH_INDEX ]] || return 0
+    if ((DRY_RUN)); then
+        say "[dry-run] would check that the venv's PyTorch runs on every GPU nvidia-smi lists"
         return
     fi
-    run "$VENV/bin/pip" install --upgrade pip
-    run "$VENV/bin/pip" install -r "$CODE_DIR/requirements.txt"
-    ((DRY_RUN)) || printf '%s\n' "$sum" >"$stamp"
+    venv_torch_runs_on_gpus && return
+    if ((!installed)); then
+        # A torch changed by hand since the last install: install the build once more and look again.
+        say "the venv's PyTorch does not run on every GPU (above): installing the build for this driver again"
+        install_torch_build
+        venv_torch_runs_on_gpus && return
+    fi
+    printf 'error: %s\n' "PyTorch from $TORCH_INDEX, just installed in $VENV, does not run on every GPU \
+nvidia-smi lists (the paragraph above says what it sees and why). Not starting train.py." >&2
+    exit 2
 }
 
 # ------------------------------------------------------------------------------------------ boot
@@ -650,6 +731,7 @@ once it is mounted, the default is $MOUNT_POINT/runs/resnet50 for data on that v
     if ((AT_BOOT)) && ! resumable_at_boot; then
         return
     fi
+    choose_torch_build
     setup_venv
     start_training
     if [[ $ON_BOOT == install ]]; then

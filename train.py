@@ -40,6 +40,10 @@ from gpu_decode import model_batch
 from recipes import WeightAverage, learning_rate, parameter_groups, peak_lr
 from runtime import Runtime, all_reduce, launch_one_process_per_gpu, log, resolve_device, setup_distributed
 
+# A CPU run on more training images than this says what an epoch will take before it starts: on ImageNet the
+# progress bar's estimate shows only once a slow first stretch of the epoch is under way.
+CPU_FORECAST_ABOVE_IMAGES = 100_000
+
 # ---------------------------------------------------------------------------------------------------- signals
 
 
@@ -486,6 +490,15 @@ def read_run(cfg: Config, rt: Runtime):
     return state, lock
 
 
+def cpu_forecast(run: Run, step_seconds: float) -> str:
+    steps = run.data.sampler.steps_per_epoch()
+    epochs = run.cfg.epochs - run.epoch
+    return (f"*** On the CPU an epoch takes about {outputs.format_duration(steps * step_seconds)} "
+            f"({steps:,} steps of {step_seconds:.2f} s, measured just now); {epochs} epoch{'s' if epochs != 1 else ''} "
+            f"to go: about {outputs.format_duration(epochs * steps * step_seconds)}. Stop with Ctrl-C unless that is "
+            f"what you meant. ***")
+
+
 def run_training(cfg: Config, classes: list[str], explicit: set[str], rt: Runtime) -> int:
     state, _lock = read_run(cfg, rt)
     log(outputs.where_the_run_lives(Path(cfg.output_dir).resolve()))
@@ -494,8 +507,9 @@ def run_training(cfg: Config, classes: list[str], explicit: set[str], rt: Runtim
     workers = engine.split_cores(cfg.workers, rt, cfg.threads)
     run = Run(cfg, classes, rt, engine.build_training(engine.build_model(cfg, len(classes)), cfg, rt),
               engine.build_data(cfg, classes, rt, workers), StopRequest())
+    step_seconds = 0.0
     if not cfg.threads:
-        threads, reason = engine.measure_threads(run.training, run.data, rt, workers)
+        threads, reason, step_seconds = engine.measure_threads(run.training, run.data, rt, workers)
         if threads:
             cfg.threads = threads
             engine.split_cores(cfg.workers, rt, threads)
@@ -509,6 +523,8 @@ def run_training(cfg: Config, classes: list[str], explicit: set[str], rt: Runtim
             log(f"This run is already finished ({run.epoch} of {cfg.epochs} epochs, val top-1 {last:.2f}%). "
                 f"Outputs are in {run.out}. Pass a larger --epochs to train on, or --no-resume to start over.")
             return 0
+    if rt.device.type == "cpu" and len(run.data.train_set) > CPU_FORECAST_ABOVE_IMAGES:
+        log(cpu_forecast(run, step_seconds or engine.measure_step_seconds(run.training, run.data)))
     if cfg.sync_check_steps:
         return check_syncs(run)
     run.board = outputs.open_board(cfg.tensorboard and rt.master, run.out, run.images_seen())
@@ -523,8 +539,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     cfg, explicit = parse_args(argv)
     try:
+        device_type = resolve_device(cfg.device)  # first: a GPU box whose torch cannot use its GPUs does no work
         classes = prepare(cfg)
-        device_type = resolve_device(cfg.device)
         if device_type == "cuda" and "RANK" not in os.environ and torch.cuda.device_count() > 1:
             outputs.lock_output_dir(Path(cfg.output_dir)).close()  # refuse a busy folder before starting N processes
             return launch_one_process_per_gpu(__file__, argv)

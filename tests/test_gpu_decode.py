@@ -438,7 +438,7 @@ def test_a_new_cpu_run_times_its_threads_on_device_decoded_batches(digits_dir, m
     training = engine.build_training(engine.build_model(cfg, len(classes)), cfg, rt)
     before = torch.get_num_threads()
     try:
-        threads, reason = engine.measure_threads(training, data, rt, workers=1, steps=1)
+        threads, reason, _ = engine.measure_threads(training, data, rt, workers=1, steps=1)
     finally:
         torch.set_num_threads(before)
     assert threads in (1, 2) and "a step took" in reason

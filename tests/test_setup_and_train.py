@@ -22,7 +22,7 @@ SCRIPT = ROOT / "setup_and_train.sh"
 GB = 1000**3
 REAL_TOOLS = ["bash", "sh", "cat", "awk", "sed", "grep", "tar", "gzip", "cmp", "mkdir", "date", "id", "head", "tail",
               "tr", "wc", "basename", "dirname", "env", "rm", "cp", "mv", "sha256sum", "cut", "tee", "sort",
-              "ls", "readlink", "mktemp", "touch", "chmod", "sleep", "find", "xargs", "uname", "expr"]
+              "ls", "readlink", "mktemp", "touch", "chmod", "sleep", "find", "xargs", "uname", "expr", "seq"]
 
 # One write per call: the tmux stub's has-session polls run while train.py's stub logs, and appends made in
 # pieces interleave.
@@ -41,15 +41,18 @@ STUBS = {
     # new-session runs its command in the background, as tmux would, and the session then counts as running.
     "tmux": 'case "$1" in has-session) [ -f "$STUB_DIR/tmux_running" ] ;; new-session) '
             'touch "$STUB_DIR/tmux_running"; bash -c "${@: -1}" </dev/null >/dev/null 2>&1 & ;; esac',
-    # python3 -m venv DIR leaves logging python and pip stubs in DIR/bin.
-    # Any other python3 -c runs for real, with os.path.ismount answering from the fake machine.
-    "python3": 'if [ "$1" != -m ]; then exec "$REAL_PYTHON" "$STUB_DIR/fake_mounts.py" "$@"; fi; '
+    # python3 -m venv DIR leaves logging python and pip stubs in DIR/bin. A script (python3 -B FILE.py) runs
+    # for real; any other python3 -c too, with os.path.ismount answering from the fake machine.
+    "python3": 'case "$2" in *.py) exec "$REAL_PYTHON" "$@" ;; esac; '
+               'if [ "$1" != -m ]; then exec "$REAL_PYTHON" "$STUB_DIR/fake_mounts.py" "$@"; fi; '
                'if [ "$1" = -m ] && [ "$2" = venv ]; then mkdir -p "$3/bin"; '
                'for t in python pip; do cp "$STUB_DIR/logger" "$3/bin/$t"; done; fi',
 }
 # The venv's python and pip: log argv and environment, print STUB_DIR/<name>.out (default "output of
 # <name>"), stay alive while STUB_DIR/<name>.hold exists (10 s at most), exit with STUB_DIR/<name>.rc (default 0).
+# `python -B .../nvidia_driver.py check`, the look at the installed torch, is <name> python-check.
 LOGGER = ('echo "env DATASET_PATH=$DATASET_PATH PWD=$PWD" >>"$STUB_LOG"; t=$(basename "$0"); '
+          '[ "${3:-}" = check ] && t=$t-check; '
           'if [ -f "$STUB_DIR/$t.out" ]; then cat "$STUB_DIR/$t.out"; else echo "output of $t"; fi; '
           'n=0; while [ -f "$STUB_DIR/$t.hold" ] && [ $n -lt 200 ]; do sleep 0.05; n=$((n + 1)); done; '
           'exit "$(cat "$STUB_DIR/$t.rc" 2>/dev/null || echo 0)"')
@@ -129,7 +132,8 @@ class Box:
         git("clone", "-q", str(origin), str(seed), cwd=self.tmp)
         shutil.copy(SCRIPT, seed / "setup_and_train.sh")
         shutil.copy(ROOT / "dataset_paths.py", seed / "dataset_paths.py")
-        (seed / "requirements.txt").write_text("torch\n")
+        shutil.copy(ROOT / "nvidia_driver.py", seed / "nvidia_driver.py")
+        (seed / "requirements.txt").write_text("torch>=2.4,<2.15\ntorchvision>=0.19,<0.30\nnumpy>=1.24\n")
         (seed / "train.py").write_text("version = 1\n")
         (seed / ".gitignore").write_text("runs/\ndata/\nvenv/\n")
         git("add", ".", cwd=seed)
@@ -151,6 +155,11 @@ class Box:
     def raw_disk(self, name, data: bytes):
         (self.stubs / "blkid" / name).unlink(missing_ok=True)
         (self.dev / name).write_bytes(data.ljust(1 << 20, b"\0"))
+
+    def gpus(self, driver, capability="9.0", count=8):
+        """An NVIDIA driver that nvidia-smi reports with `count` GPUs of this compute capability."""
+        row = f"{driver}, {capability}, Disabled"
+        write_stub(self.bin / "nvidia-smi", f'for i in $(seq {count}); do echo "{row}"; done')
 
     def run(self, *args, check=True):
         proc = subprocess.run(["bash", str(self.code / "setup_and_train.sh"), *args], env=self.env,
@@ -434,6 +443,94 @@ def test_venv_created_and_requirements_installed_once(box):
     box.run()
     assert box.calls("python3 -m venv") == [f"python3 -m venv {box.mnt}/venv"]
     assert len(box.calls("pip install -r")) == 1
+
+
+def test_without_nvidia_driver_pypi_torch_is_installed_as_before(box):
+    proc = box.run()
+    assert "no NVIDIA driver or GPU found" in proc.stdout
+    assert box.calls("pip install") == ["pip install --upgrade pip", f"pip install -r {box.code}/requirements.txt"]
+    assert not box.calls("python -B")  # no GPU check
+    assert len(box.calls("python train.py")) == 1
+
+
+INDEX = "https://download.pytorch.org/whl/"
+
+
+@pytest.mark.parametrize("driver, capability, build", [
+    ("580.65.06", "9.0", "cu130"),  # H100 on an R580 driver: PyPI's own build
+    ("590.44.01", "12.0", "cu130"),  # Blackwell
+    ("570.172.08", "8.0", "cu126"),  # R570, R550, R535: CUDA 13 needs 580; any 12.x build runs from 525.60.13
+    ("535.104.05", "8.6", "cu126"),
+    ("580.65.06", "7.0", "cu126"),  # V100: the CUDA 13 builds have no Volta kernels
+])
+def test_the_torch_build_suits_the_driver_and_is_checked_before_training(box, driver, capability, build):
+    box.gpus(driver, capability)
+    proc = box.run()
+    assert f"PyTorch's {build} build" in proc.stderr
+    assert box.calls("pip install")[1:] == [
+        f"pip install torch>=2.4,<2.15 torchvision>=0.19,<0.30 --index-url {INDEX}{build}",
+        f"pip install -r {box.code}/requirements.txt"]
+    check = f"python -B {box.code}/nvidia_driver.py check"
+    assert box.calls("python ") == [check, f"python train.py --output-dir {box.mnt}/runs/resnet50"]
+
+
+@pytest.mark.parametrize("driver, capability, needed", [("470.256.02", "8.0", "525.60.13"),
+                                                        ("570.172.08", "10.0", "580")])  # Blackwell on R570
+def test_a_driver_no_build_runs_on_is_refused_before_installing(box, driver, capability, needed):
+    box.gpus(driver, capability)
+    proc = box.run(check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"runs on driver {driver}" in proc.stderr and f"update the driver to {needed} or newer" in proc.stderr
+    assert "--device cpu" in proc.stderr
+    assert not box.calls("python3 -m venv") and not box.calls("pip") and not box.calls("python ")
+
+
+def test_torch_seeing_fewer_gpus_than_nvidia_smi_stops_the_script(box):
+    box.gpus("535.104.05", count=8)
+    paragraph = "error: This machine has 8 NVIDIA GPUs (...) but PyTorch 2.14.1+cu126 sees only 7: ..."
+    (box.stubs / "python-check.out").write_text(paragraph + "\n")
+    (box.stubs / "python-check.rc").write_text("2")
+    proc = box.run(check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert paragraph in proc.stdout + proc.stderr
+    assert "does not run on every GPU nvidia-smi lists" in proc.stderr and "Not starting train.py" in proc.stderr
+    assert not box.calls("python train.py") and not box.calls("tmux new-session")
+
+
+def test_a_venv_whose_torch_no_longer_suits_the_driver_is_repaired(box):
+    box.gpus("580.65.06")
+    box.run()
+    assert box.calls("pip install torch")[-1].endswith(f"--index-url {INDEX}cu130")
+    box.gpus("550.54.15")  # the volume, venv and all, now on a box with an R550 driver
+    box.run()
+    assert box.calls("pip uninstall")[-1] == "pip uninstall -y torch torchvision"
+    assert box.calls("pip install torch")[-1].endswith(f"--index-url {INDEX}cu126")
+    box.run()  # and then left alone
+    assert len(box.calls("pip install torch")) == 2
+
+
+def test_a_torch_changed_by_hand_is_reinstalled_once(box):
+    box.gpus("580.65.06")
+    box.run()
+    (box.stubs / "python-check.rc").write_text("2")  # until the build is installed again
+    write_stub(box.mnt / "venv/bin/pip", 'case "$*" in *--index-url*) rm -f "$STUB_DIR/python-check.rc" ;; esac')
+    proc = box.run()
+    assert "installing the build for this driver again" in proc.stdout
+    assert box.calls("pip install torch")[-1].endswith(f"--index-url {INDEX}cu130")
+    assert len(box.calls(f"python -B {box.code}/nvidia_driver.py check")) == 3
+
+
+def test_nvidia_hardware_without_a_driver_gets_the_way_to_install_one(box):
+    write_stub(box.bin / "lspci", 'echo "00:1e.0 3D controller [0302]: NVIDIA Corporation GH100 [H100 SXM5 80GB] '
+                                  '[10de:2330] (rev a1)"')
+    proc = box.run(check=False)
+    assert proc.returncode != 0
+    assert "NVIDIA hardware (3D controller [0302]: NVIDIA Corporation GH100" in proc.stderr
+    assert "nvidia-smi is not installed" in proc.stderr and "sudo reboot" in proc.stderr
+    assert not box.calls("python3 -m venv") and not box.calls("pip") and not box.calls("python ")
+    proc = box.run("--", "--device", "cpu")  # meant
+    assert "told to use the CPU" in proc.stdout
+    assert box.calls("python train.py")[-1].endswith("--device cpu")
 
 
 def test_demo_skips_disk_work(box):

@@ -1,5 +1,7 @@
 import csv
 import hashlib
+import os
+import re
 import subprocess
 import sys
 import time
@@ -280,14 +282,26 @@ def test_compute_threads_follow_what_limits_the_run():
 
 
 def test_a_new_run_measures_its_compute_threads_and_a_resume_keeps_them(digits_dir, tmp_path):
+    """Both forecast an epoch, as a CPU run on ImageNet would: here the digits count as large data."""
     out = tmp_path / "run"
     at = FAST.index("--threads")
     args = ["--data-dir", digits_dir, "--output-dir", out, *FAST[:at], *FAST[at + 2:]]  # the default: measured
-    first = run_train(*args, "--epochs", 1)
-    assert first.returncode == 0, first.stderr
+
+    def run_on_large_data(*more):
+        wrapper = ("import sys, train; train.CPU_FORECAST_ABOVE_IMAGES = 1000; "
+                   f"sys.exit(train.main({[str(a) for a in (*args, *more)]!r}))")
+        result = subprocess.run([sys.executable, "-c", wrapper], cwd=REPO, capture_output=True, text=True,
+                                timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        assert result.returncode == 0, result.stderr
+        forecasts = re.findall(r"\*\*\* On the CPU an epoch takes about \d+ s \(44 steps of \d+\.\d\d s, measured "
+                               r"just now\); 1 epoch to go: about \d+ s\. Stop with Ctrl-C .*\*\*\*\n", result.stdout)
+        assert len(forecasts) == 1, result.stdout
+        assert result.stdout.index(forecasts[0]) < result.stdout.index("\nTraining ")  # before the first step
+        return result
+
+    first = run_on_large_data("--epochs", 1)
     threads = torch.load(out / LATEST, map_location="cpu", weights_only=True)["config"]["threads"]
     assert f"Compute threads: {threads} (a step took " in first.stdout and threads in (1, 2)
-    again = run_train(*args, "--epochs", 2)
-    assert again.returncode == 0, again.stderr
+    again = run_on_large_data("--epochs", 2)  # no thread measurement to reuse: the forecast measures its own steps
     assert "Compute threads" not in again.stdout
     assert torch.load(out / LATEST, map_location="cpu", weights_only=True)["config"]["threads"] == threads
