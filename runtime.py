@@ -27,6 +27,7 @@ class Runtime:
     local_rank: int = 0
     local_world_size: int = 1
     device: torch.device = torch.device("cpu")
+    store: dist.Store | None = None  # the job's rendezvous store, under torchrun
 
     @property
     def master(self) -> bool:
@@ -75,6 +76,7 @@ def setup_distributed(device_type: str) -> Runtime:
     # by attempt.
     store, _, _ = next(dist.rendezvous("env://"))
     store = dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    rt.store = store
     if device_type == "cuda":
         rt.device = torch.device("cuda", rt.local_rank)
         torch.cuda.set_device(rt.device)
@@ -125,6 +127,31 @@ def leave_together(rt: Runtime, exit_status: Callable[[Exception], int]):
     if failed:
         reporter = failed[0]
         raise JobFailed(int(statuses[reporter]), failure if rt.rank == reporter else None) from failure
+
+
+FAILED_KEY = "failed"
+
+
+def first_to_fail(rt: Runtime) -> bool:
+    """Whether this process is the first of the job to leave on an error, so the one that says why; the others
+    leave quietly: their collectives broke because it left, or they failed alike. Counted in the rendezvous
+    store, which torchrun's agent holds; where rank 0 held it and is gone, rank 0 failed first."""
+    if rt.world_size == 1:
+        return True
+    try:
+        return rt.store.add(FAILED_KEY, 1) == 1
+    except dist.DistError:
+        return False
+
+
+def another_failed(rt: Runtime) -> bool:
+    """Whether a process of this job has already left on an error (see first_to_fail)."""
+    if rt.world_size == 1:
+        return False
+    try:
+        return rt.store.check([FAILED_KEY])
+    except dist.DistError:
+        return True
 
 
 def launch_one_process_per_gpu(script: str, argv: list[str]) -> int:

@@ -38,6 +38,8 @@ from runtime import (
     JobFailed,
     Runtime,
     all_reduce,
+    another_failed,
+    first_to_fail,
     is_master_process,
     launch_one_process_per_gpu,
     leave_together,
@@ -53,14 +55,20 @@ class StopRequest:
     """SIGTERM (spot interruption notice, `kill`), SIGHUP (the SSH connection of a run started without tmux
     dropped) or Ctrl-C: finish the step, save, exit 0. A second Ctrl-C quits at once without saving."""
 
-    def __init__(self):
-        self.signal_name = None
+    def __init__(self, rt: Runtime):
+        self.rt, self.signal_name = rt, None
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self.handle)
 
     def handle(self, signum, frame):
         if self.signal_name and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if signum == signal.SIGTERM and another_failed(self.rt):
+            # torchrun stopping the job because another process failed: that one said why, and no save can
+            # come, as the next collective would wait for the process that is gone. Die of the signal, as
+            # without this handler: an exception raised here could land in any cleanup code.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
         self.signal_name = signal.Signals(signum).name
         if signum == signal.SIGHUP:
             # Writing to a terminal that is gone fails, and the save must not die of a progress bar. Output
@@ -414,7 +422,7 @@ def run_training(cfg: Config, classes: list[str], explicit: set[str], rt: Runtim
         cfg = resumed_config(cfg, state["config"], explicit)
     workers = engine.split_cores(cfg.workers, rt, cfg.threads)
     run = Run(cfg, classes, rt, engine.build_training(engine.build_model(cfg, len(classes)), cfg, rt),
-              engine.build_data(cfg, classes, rt, workers), StopRequest())
+              engine.build_data(cfg, classes, rt, workers), StopRequest(rt))
     if not cfg.threads:
         threads, reason = engine.measure_threads(run.training, run.data, rt, workers)
         if threads:
@@ -464,21 +472,24 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     cfg, explicit = parse_args(argv)
     every_rank_here = False  # whether the others are known to leave at this same point, as after a finished run
+    rt = None
     try:
         classes = prepare(cfg)
         device_type = resolve_device(cfg.device)
         if device_type == "cuda" and "RANK" not in os.environ and torch.cuda.device_count() > 1:
             outputs.lock_output_dir(Path(cfg.output_dir)).close()  # refuse a busy folder before starting N processes
             return launch_one_process_per_gpu(__file__, argv)
-        status = run_training(cfg, classes, explicit, setup_distributed(device_type))
+        rt = setup_distributed(device_type)
+        status = run_training(cfg, classes, explicit, rt)
         every_rank_here = True
         return status
     except JobFailed as failed:
         return failed.exit_status if failed.cause is None else report(failed.cause, cfg)
     except Exception as err:
-        # What every process meets alike (a bad --data-dir, the checkpoint rank 0 read for all) rank 0 reports;
-        # a loader finds vanished data on its own process, which says so, whichever it is.
-        if exit_status(err) == 1 or is_master_process() or isinstance(err, DataVanishedError):
+        # Before the process group, every process meets the same errors (a bad --data-dir): rank 0 reports them.
+        # After it, the first process to fail says why, whichever it is (one rank's data can vanish, one rank
+        # can hit a bug); the others' collectives break because it left (gloo), or they failed alike.
+        if first_to_fail(rt) if rt else is_master_process():
             return report(err, cfg)
         return exit_status(err)
     finally:
