@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -448,23 +449,24 @@ def run_training(cfg: Config, classes: list[str], explicit: set[str], rt: Runtim
 
 
 def exit_status(err: Exception) -> int:
-    """1 for a bug, which gets its traceback; the others get one paragraph from report()."""
+    """1 for a bug, which gets its traceback; the others get one paragraph."""
     if isinstance(err, DatasetLayoutError | UsageError | CheckpointError | DataVanishedError):
         return EXIT_BAD_INPUT
     return EXIT_NON_FINITE if isinstance(err, NonFiniteLoss) else 1
 
 
 def report(err: Exception, cfg: Config) -> int:
+    """Says why the job stops, from the one process that does; returns the exit status."""
     status = exit_status(err)
     if status == 1:
-        raise err
-    if isinstance(err, DataVanishedError):
+        traceback.print_exception(err)
+    elif isinstance(err, DataVanishedError):
         # Not str(err): re-raised from a loader worker, it holds that worker's whole traceback.
-        print(f"error: the training data in {cfg.data_dir} disappeared during training (a class folder is gone: "
-              f"moved, deleted or unmounted). The checkpoints in {cfg.output_dir} are intact: restore or remount "
-              f"the data and rerun the same command to continue from them.", file=sys.stderr)
+        tqdm.write(f"error: the training data in {cfg.data_dir} disappeared during training (a class folder is "
+                   f"gone: moved, deleted or unmounted). The checkpoints in {cfg.output_dir} are intact: restore "
+                   f"or remount the data and rerun the same command to continue from them.", file=sys.stderr)
     else:
-        print(f"error: {err}", file=sys.stdout if status == EXIT_NON_FINITE else sys.stderr)
+        tqdm.write(f"error: {err}", file=sys.stdout if status == EXIT_NON_FINITE else sys.stderr)
     return status
 
 
@@ -489,9 +491,11 @@ def main(argv: list[str] | None = None) -> int:
         # Before the process group, every process meets the same errors (a bad --data-dir): rank 0 reports them.
         # After it, the first process to fail says why, whichever it is (one rank's data can vanish, one rank
         # can hit a bug); the others' collectives break because it left (gloo), or they failed alike.
-        if first_to_fail(rt) if rt else is_master_process():
-            return report(err, cfg)
-        return exit_status(err)
+        if not (first_to_fail(rt) if rt else is_master_process()):
+            return exit_status(err)
+        if exit_status(err) == 1:
+            raise
+        return report(err, cfg)
     finally:
         # An error re-raised from a loader worker sits in a reference cycle with the loader's iterator, which
         # only the cyclic GC frees. Free it now so the iterator shuts its workers down: left to the exit

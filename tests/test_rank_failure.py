@@ -56,6 +56,18 @@ DATA_VANISHES = """
 """
 
 
+def kill_every_process_with(marker: bytes) -> None:
+    """torchrun starts each worker in a session of its own: find them, and their loader workers, by a variable
+    only this job's processes have in their environment."""
+    for entry in os.scandir("/proc"):
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                if marker in f.read().split(b"\0"):
+                    os.kill(int(entry.name), signal.SIGKILL)
+        except (OSError, ValueError):  # not a process, or one that ended while we looked
+            continue
+
+
 def run_job(tmp_path, fault: str, *args, timeout=120):
     """torchrun with two workers; the combined output, each rank's exit status from torchrun's summary, and
     the seconds the whole job took. A job that outlives the timeout is killed with all its processes."""
@@ -64,12 +76,12 @@ def run_job(tmp_path, fault: str, *args, timeout=120):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
            *map(str, args)]
     started = time.monotonic()
-    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env={**os.environ, "PYTHONUNBUFFERED": "1", "RANK_FAILURE_JOB": str(tmp_path)})
     try:
         output, _ = job.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(job.pid, signal.SIGKILL)
+        kill_every_process_with(f"RANK_FAILURE_JOB={tmp_path}".encode())
         output, _ = job.communicate()
         pytest.fail(f"the job still ran after {timeout} s:\n{output[-3000:]}")
     statuses = {int(rank): int(code) for rank, code in
