@@ -125,6 +125,7 @@ def leave_together(rt: Runtime, exit_status: Callable[[Exception], int]):
         statuses[rt.rank] = exit_status(failure)
     failed = all_reduce(statuses).nonzero().flatten().tolist()
     if failed:
+        mark_failed(rt)  # before any process exits and torchrun sends the others SIGTERM (see train.StopRequest)
         reporter = failed[0]
         raise JobFailed(int(statuses[reporter]), failure if rt.rank == reporter else None) from failure
 
@@ -132,10 +133,11 @@ def leave_together(rt: Runtime, exit_status: Callable[[Exception], int]):
 FAILED_KEY = "failed"
 
 
-def first_to_fail(rt: Runtime) -> bool:
-    """Whether this process is the first of the job to leave on an error, so the one that says why; the others
-    leave quietly: their collectives broke because it left, or they failed alike. Counted in the rendezvous
-    store, which torchrun's agent holds; where rank 0 held it and is gone, rank 0 failed first."""
+def mark_failed(rt: Runtime) -> bool:
+    """Marks the job failed in the rendezvous store, which torchrun's agent holds, so the mark outlives this
+    process. True when this process is the first to leave on an error, so the one that says why; the others
+    leave quietly: their collectives broke because it left, or they failed alike. Where rank 0 held the store
+    and is gone, rank 0 failed first."""
     if rt.world_size == 1:
         return True
     try:
@@ -145,7 +147,7 @@ def first_to_fail(rt: Runtime) -> bool:
 
 
 def another_failed(rt: Runtime) -> bool:
-    """Whether a process of this job has already left on an error (see first_to_fail)."""
+    """Whether a process of this job has left on an error (see mark_failed)."""
     if rt.world_size == 1:
         return False
     try:

@@ -40,11 +40,11 @@ from runtime import (
     Runtime,
     all_reduce,
     another_failed,
-    first_to_fail,
     is_master_process,
     launch_one_process_per_gpu,
     leave_together,
     log,
+    mark_failed,
     resolve_device,
     setup_distributed,
 )
@@ -491,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         # Before the process group, every process meets the same errors (a bad --data-dir): rank 0 reports them.
         # After it, the first process to fail says why, whichever it is (one rank's data can vanish, one rank
         # can hit a bug); the others' collectives break because it left (gloo), or they failed alike.
-        if not (first_to_fail(rt) if rt else is_master_process()):
+        if not (mark_failed(rt) if rt else is_master_process()):
             return exit_status(err)
         if exit_status(err) == 1:
             raise
