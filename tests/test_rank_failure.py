@@ -6,7 +6,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from conftest import FAST, REPO
@@ -69,13 +68,13 @@ def kill_every_process_with(marker: bytes) -> None:
 
 
 def run_job(tmp_path, fault: str, *args, timeout=120):
-    """torchrun with two workers; the combined output, each rank's exit status from torchrun's summary, and
-    the seconds the whole job took. A job that outlives the timeout is killed with all its processes."""
+    """torchrun with two workers; the combined output and each rank's exit status from torchrun's summary. The
+    timeout is the bound on "promptly": a job it kills, with all its processes, failed (left to themselves, the
+    waiting ranks would sit out gloo's 30-minute timeout, or NCCL's watchdog)."""
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER.format(repo=str(REPO), train=str(REPO / "train.py"), fault=fault))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
            *map(str, args)]
-    started = time.monotonic()
     job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            env={**os.environ, "PYTHONUNBUFFERED": "1", "RANK_FAILURE_JOB": str(tmp_path)})
     try:
@@ -86,7 +85,7 @@ def run_job(tmp_path, fault: str, *args, timeout=120):
         pytest.fail(f"the job still ran after {timeout} s:\n{output[-3000:]}")
     statuses = {int(rank): int(code) for rank, code in
                 re.findall(r"rank +: (\d+) \(local_rank: \d+\)\n +exitcode +: (-?\d+)", output)}
-    return output, statuses, time.monotonic() - started
+    return output, statuses
 
 
 def assert_one_story(output: str, cause: str):
@@ -100,21 +99,19 @@ def assert_one_story(output: str, cause: str):
 @pytest.mark.slow
 def test_a_failed_save_on_rank_0_takes_every_rank_out_at_that_sync_point(digits_dir, tmp_path):
     out = tmp_path / "run"
-    output, statuses, seconds = run_job(tmp_path, FULL_DISK, "--data-dir", digits_dir, "--output-dir", out, *FAST,
-                                        "--epochs", 1, "--checkpoint-minutes", "0.00001")
+    output, statuses = run_job(tmp_path, FULL_DISK, "--data-dir", digits_dir, "--output-dir", out, *FAST,
+                               "--epochs", 1, "--checkpoint-minutes", "0.00001")
     # Both leave through the vote, with rank 0's status: rank 1 neither waits for rank 0 nor loses it.
     assert statuses == {0: 2, 1: 2}, output[-4000:]
     assert_one_story(output, f"error: Could not save a checkpoint in {out}: [Errno 28] No space left on device")
     assert "10/22" in output  # it failed at step 10, not before training
-    assert seconds < 100
 
 
 @pytest.mark.slow
 def test_rank_0_leaving_mid_step_is_not_held_by_a_collective_destroy(digits_dir, tmp_path):
-    output, statuses, seconds = run_job(tmp_path, DATA_VANISHES, "--data-dir", digits_dir, "--output-dir",
-                                        tmp_path / "run", *FAST, "--epochs", 1)
+    output, statuses = run_job(tmp_path, DATA_VANISHES, "--data-dir", digits_dir, "--output-dir",
+                               tmp_path / "run", *FAST, "--epochs", 1)
     # Rank 1 waits in DDP's first collective and cannot vote: rank 0 leaves without a destroy that would wait
     # for it, and rank 1 follows quietly when its collective breaks (or torchrun stops it).
     assert statuses[0] == 2 and statuses[1] != 0, output[-4000:]
     assert_one_story(output, f"error: the training data in {digits_dir} disappeared during training")
-    assert seconds < 100
