@@ -214,6 +214,9 @@ def write_epoch_outputs(out: Path, row: dict, history: list[dict]) -> None:
         raise UsageError(f"Could not write metrics.csv or the plot in {out}: {err}. Epoch {row['epoch']} is in "
                          f"the checkpoint; free some space or fix the folder, then rerun the same command: it "
                          f"writes the missing row and continues.") from err
+    except ImportError as err:
+        raise UsageError(f"Could not draw {out / 'training_curves.png'}: {err}. Epoch {row['epoch']} is in the "
+                         f"checkpoint; pip install -r requirements.txt, then rerun the same command.") from err
 
 
 def epoch_summary(row: dict, cfg, seconds_spent: float, device_type: str, workers: int) -> str:

@@ -7,6 +7,8 @@ the environment. Nothing here is module state: the Runtime is returned and passe
 
 import os
 import sys
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +28,7 @@ class Runtime:
     local_rank: int = 0
     local_world_size: int = 1
     device: torch.device = torch.device("cpu")
+    store: dist.Store | None = None  # the job's rendezvous store, under torchrun
 
     @property
     def master(self) -> bool:
@@ -84,6 +87,7 @@ def setup_distributed(device_type: str) -> Runtime:
     # by attempt.
     store, _, _ = next(dist.rendezvous("env://"))
     store = dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    rt.store = store
     if device_type == "cuda":
         rt.device = torch.device("cuda", rt.local_rank)
         torch.cuda.set_device(rt.device)
@@ -98,6 +102,69 @@ def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor)
     return tensor
+
+
+class JobFailed(Exception):
+    """Raised on every process when one failed inside leave_together. cause is that failure on the one process
+    that reports it (the lowest failed rank), None on the others, which leave silently with the same status."""
+
+    def __init__(self, exit_status: int, cause: Exception | None):
+        super().__init__(f"a process of this job failed (exit status {exit_status})")
+        self.exit_status, self.cause = exit_status, cause
+
+
+@contextmanager
+def leave_together(rt: Runtime, exit_status: Callable[[Exception], int]):
+    """For work that can fail on some processes only (rank 0's writes, a check of a process's own tensors) at a
+    point every process passes. A process that left alone would leave the others waiting in their next
+    collective, on NCCL until the watchdog's timeout, and since torch 2.6 itself waiting in
+    destroy_process_group() for them. So one all-reduce after the work tells every process which ranks failed,
+    and all of them raise JobFailed here, with the exit status of the lowest failed rank."""
+    failure = None
+    try:
+        yield
+    except JobFailed:
+        raise  # a vote inside this one already took every process out
+    except Exception as err:
+        if rt.world_size == 1:
+            raise
+        failure = err
+    if rt.world_size == 1:
+        return
+    statuses = torch.zeros(rt.world_size, device=rt.device)
+    if failure is not None:
+        statuses[rt.rank] = exit_status(failure)
+    failed = all_reduce(statuses).nonzero().flatten().tolist()
+    if failed:
+        mark_failed(rt)  # before any process exits and torchrun sends the others SIGTERM (see train.StopRequest)
+        reporter = failed[0]
+        raise JobFailed(int(statuses[reporter]), failure if rt.rank == reporter else None) from failure
+
+
+FAILED_KEY = "failed"
+
+
+def mark_failed(rt: Runtime) -> bool:
+    """Marks the job failed in the rendezvous store, which torchrun's agent holds, so the mark outlives this
+    process. True when this process is the first to leave on an error, so the one that says why; the others
+    leave quietly: their collectives broke because it left, or they failed alike. Where rank 0 held the store
+    and is gone, rank 0 failed first."""
+    if rt.world_size == 1:
+        return True
+    try:
+        return rt.store.add(FAILED_KEY, 1) == 1
+    except dist.DistError:
+        return False
+
+
+def another_failed(rt: Runtime) -> bool:
+    """Whether a process of this job has left on an error (see mark_failed)."""
+    if rt.world_size == 1:
+        return False
+    try:
+        return rt.store.check([FAILED_KEY])
+    except dist.DistError:
+        return True
 
 
 def launch_one_process_per_gpu(script: str, argv: list[str]) -> int:

@@ -38,7 +38,19 @@ from data import DataVanishedError, make_demo_dataset
 from dataset_paths import DEMO_DATA_DIR, DatasetLayoutError, check_layout
 from gpu_decode import model_batch
 from recipes import WeightAverage, learning_rate, parameter_groups, peak_lr
-from runtime import Runtime, all_reduce, launch_one_process_per_gpu, log, resolve_device, setup_distributed
+from runtime import (
+    JobFailed,
+    Runtime,
+    all_reduce,
+    another_failed,
+    is_master_process,
+    launch_one_process_per_gpu,
+    leave_together,
+    log,
+    mark_failed,
+    resolve_device,
+    setup_distributed,
+)
 
 # A CPU run on more training images than this says what an epoch will take before it starts: on ImageNet the
 # progress bar's estimate shows only once a slow first stretch of the epoch is under way.
@@ -51,14 +63,20 @@ class StopRequest:
     """SIGTERM (spot interruption notice, `kill`), SIGHUP (the SSH connection of a run started without tmux
     dropped) or Ctrl-C: finish the step, save, exit 0. A second Ctrl-C quits at once without saving."""
 
-    def __init__(self):
-        self.signal_name = None
+    def __init__(self, rt: Runtime):
+        self.rt, self.signal_name = rt, None
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self.handle)
 
     def handle(self, signum, frame):
         if self.signal_name and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if signum == signal.SIGTERM and another_failed(self.rt):
+            # torchrun stopping the job because another process failed: that one said why, and no save can
+            # come, as the next collective would wait for the process that is gone. Die of the signal, as
+            # without this handler: an exception raised here could land in any cleanup code.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
         self.signal_name = signal.Signals(signum).name
         if signum == signal.SIGHUP:
             # Writing to a terminal that is gone fails, and the save must not die of a progress bar. Output
@@ -70,6 +88,13 @@ class StopRequest:
                 "rerun the same command (in tmux, or through setup_and_train.sh) to continue.")
             return
         log(f"{self.signal_name} received: saving a checkpoint after this step (Ctrl-C again quits without saving).")
+
+    def disarm(self):
+        """The run is over, finished or failed: nothing is left to save. A SIGTERM now (torchrun stopping the
+        others after one process failed) must not announce a save that never comes, nor cut the exit short."""
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class NonFiniteLoss(Exception):
@@ -162,9 +187,13 @@ def check_weights_finite(run: Run) -> None:
 
 
 def save(run: Run, epoch_sums: torch.Tensor, seconds: float) -> None:
-    check_weights_finite(run)
-    if not run.rt.master:
-        return
+    with leave_together(run.rt, exit_status):
+        check_weights_finite(run)
+        if run.rt.master:
+            write_checkpoint(run, epoch_sums, seconds)
+
+
+def write_checkpoint(run: Run, epoch_sums: torch.Tensor, seconds: float) -> None:
     try:
         save_checkpoint(checkpoint_state(run, epoch_sums, seconds), run.out)
     except OSError as err:
@@ -417,8 +446,9 @@ def fit(run: Run) -> int:
         run.carried, run.carried_seconds = torch.zeros(5, dtype=torch.float64), 0.0
         run.compile_seconds, run.compile_images = 0.0, 0
         save(run, run.carried, 0.0)
-        if run.rt.master:
-            outputs.write_epoch_outputs(run.out, row, run.history)
+        with leave_together(run.rt, exit_status):
+            if run.rt.master:
+                outputs.write_epoch_outputs(run.out, row, run.history)
         if run.board:
             run.board.scalars(run.images_seen(), {f"val/{k.replace('val_', '')}": v for k, v in row.items()
                                                   if k.startswith(("val_", "ema_val_")) and k != "val_seconds"})
@@ -506,7 +536,7 @@ def run_training(cfg: Config, classes: list[str], explicit: set[str], rt: Runtim
         cfg = resumed_config(cfg, state["config"], explicit)
     workers = engine.split_cores(cfg.workers, rt, cfg.threads)
     run = Run(cfg, classes, rt, engine.build_training(engine.build_model(cfg, len(classes)), cfg, rt),
-              engine.build_data(cfg, classes, rt, workers), StopRequest())
+              engine.build_data(cfg, classes, rt, workers), StopRequest(rt))
     step_seconds = 0.0
     if not cfg.threads:
         threads, reason, step_seconds = engine.measure_threads(run.training, run.data, rt, workers)
@@ -531,40 +561,68 @@ def run_training(cfg: Config, classes: list[str], explicit: set[str], rt: Runtim
     try:
         return fit(run)
     finally:
+        run.stop.disarm()
         if run.board:
             run.board.close()
+
+
+def exit_status(err: Exception) -> int:
+    """1 for a bug, which gets its traceback; the others get one paragraph."""
+    if isinstance(err, DatasetLayoutError | UsageError | CheckpointError | DataVanishedError):
+        return EXIT_BAD_INPUT
+    return EXIT_NON_FINITE if isinstance(err, NonFiniteLoss) else 1
+
+
+def report(err: Exception, cfg: Config) -> int:
+    """Says why the job stops, from the one process that does; returns the exit status."""
+    status = exit_status(err)
+    if status == 1:
+        traceback.print_exception(err)
+    elif isinstance(err, DataVanishedError):
+        # Not str(err): re-raised from a loader worker, it holds that worker's whole traceback.
+        tqdm.write(f"error: the training data in {cfg.data_dir} disappeared during training (a class folder is "
+                   f"gone: moved, deleted or unmounted). The checkpoints in {cfg.output_dir} are intact: restore "
+                   f"or remount the data and rerun the same command to continue from them.", file=sys.stderr)
+    else:
+        tqdm.write(f"error: {err}", file=sys.stdout if status == EXIT_NON_FINITE else sys.stderr)
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     cfg, explicit = parse_args(argv)
+    every_rank_here = False  # whether the others are known to leave at this same point, as after a finished run
+    rt = None
     try:
         device_type = resolve_device(cfg.device)  # first: a GPU box whose torch cannot use its GPUs does no work
         classes = prepare(cfg)
         if device_type == "cuda" and "RANK" not in os.environ and torch.cuda.device_count() > 1:
             outputs.lock_output_dir(Path(cfg.output_dir)).close()  # refuse a busy folder before starting N processes
             return launch_one_process_per_gpu(__file__, argv)
-        return run_training(cfg, classes, explicit, setup_distributed(device_type))
-    except (DatasetLayoutError, UsageError, CheckpointError) as err:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except DataVanishedError:
-        if os.environ.get("RANK", "0") == "0":
-            # Not str(err): re-raised from a loader worker, it holds that worker's whole traceback.
-            print(f"error: the training data in {cfg.data_dir} disappeared during training (a class folder is "
-                  f"gone: moved, deleted or unmounted). The checkpoints in {cfg.output_dir} are intact: restore "
-                  f"or remount the data and rerun the same command to continue from them.", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except NonFiniteLoss as err:
-        log(f"error: {err}")
-        return EXIT_NON_FINITE
+        rt = setup_distributed(device_type)
+        status = run_training(cfg, classes, explicit, rt)
+        every_rank_here = True
+        return status
+    except JobFailed as failed:
+        return failed.exit_status if failed.cause is None else report(failed.cause, cfg)
+    except Exception as err:
+        # Before the process group, every process meets the same errors (a bad --data-dir): rank 0 reports them.
+        # After it, the first process to fail says why, whichever it is (one rank's data can vanish, one rank
+        # can hit a bug); the others' collectives break because it left (gloo), or they failed alike.
+        if not (mark_failed(rt) if rt else is_master_process()):
+            return exit_status(err)
+        if exit_status(err) == 1:
+            raise
+        return report(err, cfg)
     finally:
         # An error re-raised from a loader worker sits in a reference cycle with the loader's iterator, which
         # only the cyclic GC frees. Free it now so the iterator shuts its workers down: left to the exit
         # handlers, a worker gets a plain SIGTERM and waits out its WORKER_GRACE_SECONDS reprieve.
         gc.collect()
-        if dist.is_initialized():
+        # Since torch 2.6 destroying NCCL communicators waits for every rank (pytorch/pytorch#141510): after an
+        # error the others may be waiting in a collective this process never joins, or gone. Exiting without it
+        # aborts the communicators instead, and torchrun then stops the others at once.
+        if dist.is_initialized() and every_rank_here:
             dist.destroy_process_group()
 
 
