@@ -144,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         if is_master_process():
             print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    # Only after a clean run: after an error the other processes may wait in a collective this one never joins,
+    # and since torch 2.6 destroying NCCL communicators waits for all of them (see train.main).
+    if dist.is_initialized():
+        dist.destroy_process_group()
     if is_master_process():
         print(json.dumps(result) if args.json else report(result))
     return 0
