@@ -48,7 +48,7 @@ from data import list_samples, usable_cores
 from dataset_paths import check_layout
 from engine import build_data
 from gpu_decode import model_batch
-from runtime import Runtime
+from runtime import Runtime, native_bf16
 
 # Each section's weight in the time budget. Time a section leaves unused passes on to the later ones, and
 # torch.compile (about a minute per measurement, mostly compiling) comes last, to take what is left.
@@ -287,7 +287,7 @@ class GpuCheck:
     def precision_unavailable(self, precision: str) -> str | None:
         if not self.cuda:
             return NO_CUDA
-        return "no bf16 on this GPU" if precision == "bf16" and not torch.cuda.is_bf16_supported() else None
+        return "no bf16 on this GPU" if precision == "bf16" and not native_bf16() else None
 
     def make_data(self, root: Path) -> None:
         """The JPEGs every input route reads."""
