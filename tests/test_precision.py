@@ -1,10 +1,11 @@
-"""--precision: what auto picks on each kind of GPU, and bf16 and fp16 training (with its loss scaler) run for real
-on the CPU, through a stop and a resume."""
+"""--precision: what auto picks on each kind of GPU, and fp16 with loss scaling on the CPU. bf16 and fp16 runs
+through a stop and a resume are in test_resume.py."""
 
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import FAST, run_train
 
 from config import UsageError
 from gpu_check import GpuCheck
@@ -50,3 +51,12 @@ def test_bf16_asked_for_on_a_gpu_without_it_is_refused_naming_the_gpu_and_the_fi
     assert "\n" not in message
     fake_gpu("NVIDIA A100-SXM4-40GB")
     assert resolve_precision("bf16", torch.device("cuda", 0)) == "bf16"
+
+
+def test_fp16_on_the_cpu_stops_on_a_non_finite_loss(digits_dir, tmp_path):
+    """The loss scaler skips every step whose gradients overflow, so weights that a huge LR blew up stay finite,
+    and only the loss shows that training failed: it must stop the run (exit 3), not be skipped along."""
+    result = run_train("--data-dir", digits_dir, "--output-dir", tmp_path / "run", *FAST, "--epochs", 1,
+                       "--lr", "1e30", "--precision", "fp16")
+    assert result.returncode == 3, result.stderr
+    assert "The training loss became non-finite in epoch 1 at step 10" in result.stdout
