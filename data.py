@@ -303,8 +303,8 @@ class ValBatchSampler:
 def check_shared_memory(bytes_per_image: int, batch_size: int, workers: int, processes: int) -> None:
     """Refuse to start a loader that would outgrow the free shared memory: `processes` like it on this machine
     (one per GPU; a process runs one loader at a time, train then val), each of their `workers` keeping
-    PREFETCH_BATCHES batches ready. A worker that finds /dev/shm full dies of a bus error at its first batches,
-    as in a Docker container's default 64 MB."""
+    PREFETCH_BATCHES batches ready. A worker that finds /dev/shm full fails at its first batches (a bus error, or
+    "unable to allocate shared memory", and the run waits for it), as in a Docker container's default 64 MB."""
     try:
         stats = os.statvfs(SHARED_MEMORY)
     except FileNotFoundError:
@@ -317,11 +317,12 @@ def check_shared_memory(bytes_per_image: int, batch_size: int, workers: int, pro
     fitting = free // (processes * PREFETCH_BATCHES * batch_bytes)
     raise UsageError(
         f"The data loaders would keep {needed / 1e6:,.1f} MB of batches in shared memory ({SHARED_MEMORY}): "
-        f"{processes} process{'es' if processes > 1 else ''} x {workers} workers x {PREFETCH_BATCHES} batches x "
-        f"{batch_bytes / 1e6:,.1f} MB ({batch_size} images of {bytes_per_image / 1e3:,.1f} KB), but {SHARED_MEMORY} "
-        f"has {free / 1e6:,.1f} MB free, and a worker that runs out dies with a bus error. In a Docker container, "
-        f"start it with `docker run --ipc=host ...` (the host's shared memory) or `--shm-size="
-        f"{math.ceil(needed / 2 ** 30) + 1}g`; or lower --batch-size or --workers"
+        f"{processes} process{'es' if processes > 1 else ''} x {workers} worker{'s' if workers > 1 else ''} x "
+        f"{PREFETCH_BATCHES} batches x {batch_bytes / 1e6:,.1f} MB ({batch_size} images of "
+        f"{bytes_per_image / 1e3:,.1f} KB), but {SHARED_MEMORY} has {free / 1e6:,.1f} MB free: a worker that runs "
+        f"out fails at its first batches (a bus error, or \"unable to allocate shared memory\"). In a Docker "
+        f"container, start it with `docker run --ipc=host ...` (the host's shared memory) or "
+        f"`--shm-size={math.ceil(needed / 2 ** 30) + 1}g`; or lower --batch-size or --workers"
         f"{f' ({fitting} fit)' if fitting else ''}.")
 
 

@@ -1,5 +1,5 @@
 """The loader workers' batches wait in /dev/shm: a start whose loaders would not fit there is refused with the fix,
-where a worker would otherwise die of a bus error at its first batches (a Docker container's default is 64 MB)."""
+where a worker would otherwise fail at its first batches (a Docker container's default is 64 MB)."""
 
 import os
 import subprocess
@@ -10,7 +10,6 @@ from conftest import FAST, train_cmd
 
 from config import UsageError, parse_args
 from data import PREFETCH_BATCHES, SHARED_MEMORY, list_samples
-from dataset_paths import check_layout
 from engine import build_data
 from gpu_decode import EncodedImageFolderDataset
 from runtime import Runtime
@@ -64,19 +63,18 @@ def train_in_shared_memory_of(size: str, *args) -> subprocess.CompletedProcess:
     """train.py in a mount namespace of its own whose /dev/shm is a tmpfs of this size, as in a container."""
     command = ["unshare", "--mount", "--map-root-user", "sh", "-c",
                f'mount -t tmpfs -o size={size} tmpfs /dev/shm && exec "$@"', "sh", *train_cmd(*args)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300,
+    return subprocess.run(command, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 def test_docker_default_shared_memory_refuses_imagenet_batches_and_trains_the_demo(digits_dir, tmp_path):
-    assert check_layout(digits_dir).classes == CLASSES
     args = ["--data-dir", digits_dir, *FAST, "--epochs", 1]
     refused = train_in_shared_memory_of("64m", *args, "--output-dir", tmp_path / "imagenet-sized", "--image-size", 224,
                                         "--batch-size", 256)
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert "Traceback" not in refused.stderr and "epoch 1" not in refused.stdout
     assert ("error: The data loaders would keep 77.1 MB of batches in shared memory (/dev/shm): 1 process x 1 "
-            "workers x 2 batches x 38.5 MB (256 images of 150.5 KB), but /dev/shm has 67.1 MB free") in refused.stderr
+            "worker x 2 batches x 38.5 MB (256 images of 150.5 KB), but /dev/shm has 67.1 MB free:") in refused.stderr
     assert "--shm-size=2g" in refused.stderr
     demo = train_in_shared_memory_of("64m", *args, "--output-dir", tmp_path / "demo")
     assert demo.returncode == 0, demo.stderr[-3000:]
