@@ -307,12 +307,13 @@ def build_data(cfg: Config, classes: list[str], rt: Runtime, workers: int, with_
     if sampler.steps_per_epoch() == 0:
         raise UsageError(f"The training set has {len(train_set)} images, fewer than one global batch "
                          f"({cfg.batch_size} x {rt.world_size} processes); lower --batch-size.")
-    train_loader = make_loader(train_set, sampler, workers, pin, worker_signal_handling, collate_fn)
+    train_loader = make_loader(train_set, sampler, workers, pin, worker_signal_handling, collate_fn,
+                               processes=rt.local_world_size)
     val_loader = None
     if with_val:
         val_set = dataset(root / "val", classes, False, cfg.eval_image_size or cfg.image_size, cfg.seed)
         val_loader = make_loader(val_set, ValBatchSampler(len(val_set), cfg.batch_size, rt.rank, rt.world_size),
-                                 workers, pin, worker_signal_handling, collate_fn)
+                                 workers, pin, worker_signal_handling, collate_fn, processes=rt.local_world_size)
     return Data(train_set, sampler, train_loader, val_loader, to_model_input)
 
 

@@ -85,7 +85,7 @@ def evaluate_classifier(clf: Classifier, data_dir: Path, image_size: int, batch_
     dataset = ImageFolderDataset(data_dir / "val", clf.class_names, False, image_size, seed=0)
     device = rt.device if not clf.onnx else torch.device("cpu")
     loader = make_loader(dataset, ValBatchSampler(len(dataset), batch_size, rt.rank, rt.world_size), workers,
-                         device.type == "cuda", worker_signal_handling)
+                         device.type == "cuda", worker_signal_handling, processes=rt.local_world_size)
     clf.to(device)
     if device.type == "cuda" and not clf.onnx:
         # As train.py runs it: another memory layout picks other kernels, and in bf16 that moves near-ties.

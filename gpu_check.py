@@ -46,7 +46,7 @@ from measure import (
     time_train_steps,
     write_dataset,
 )
-from runtime import Runtime
+from runtime import Runtime, native_bf16
 
 # Each section's weight in the time budget. Time a section leaves unused passes on to the later ones, and
 # torch.compile (about a minute per measurement, mostly compiling) comes last, to take what is left.
@@ -220,7 +220,7 @@ class GpuCheck:
     def precision_unavailable(self, precision: str) -> str | None:
         if not self.cuda:
             return NO_CUDA
-        return "no bf16 on this GPU" if precision == "bf16" and not torch.cuda.is_bf16_supported() else None
+        return "no bf16 on this GPU" if precision == "bf16" and not native_bf16() else None
 
     def make_data(self, root: Path) -> None:
         """The JPEGs every input route reads."""

@@ -67,13 +67,26 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+def native_bf16() -> bool:
+    """Whether the current GPU computes in bf16 in hardware (compute capability 8.0 on: A100, A10G, L4, H100).
+    torch.cuda.is_bf16_supported() on its own also answers True where bf16 is only emulated (V100, T4): there
+    it has no tensor cores, while fp16 has them."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def resolve_precision(requested: str, device: torch.device) -> str:
-    """auto: bf16 where the GPU has it, else fp16 (with loss scaling); fp32 on the CPU."""
+    """auto: bf16 where the GPU has it in hardware, else fp16 (with loss scaling); fp32 on the CPU."""
     if device.type == "cpu":
         if requested == "fp16":
-            raise UsageError("--precision fp16 needs a GPU; use bf16 or fp32 on the CPU.")
+            log("--precision fp16 on the CPU: several times slower than fp32 there, and meant for testing the "
+                "GPU's fp16 path (autocast and loss scaling).")
         return "fp32" if requested == "auto" else requested
-    return ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if requested == "auto" else requested
+    if requested == "bf16" and not native_bf16():
+        raise UsageError(f"--precision bf16: this GPU ({torch.cuda.get_device_name(device)}, compute capability "
+                         f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}) has no bf16 hardware, "
+                         f"so torch would emulate it in software, without tensor cores. Use --precision fp16 (what "
+                         f"auto picks here: tensor cores, with loss scaling) or fp32.")
+    return ("bf16" if native_bf16() else "fp16") if requested == "auto" else requested
 
 
 def setup_distributed(device_type: str) -> Runtime:
