@@ -185,7 +185,7 @@ def main() -> int:
         print(json.dumps(environment()), flush=True)
     try:
         {"make-data": make_data, "compute": compute, "loader": loader, "train": train}[args.command](args)
-    except DatasetLayoutError as err:
+    except (DatasetLayoutError, UsageError) as err:  # e.g. --precision bf16 on a GPU without bf16 hardware
         print(f"error: {err}", file=sys.stderr)
         return 2
     except MeasurementFailed as err:

@@ -276,9 +276,11 @@ def test_train_pys_sync_check_counts_syncs_between_sync_points_only_and_stops_wi
     assert sorted(p.name for p in out.iterdir()) == ["sync_check.json", "train.lock"]  # no checkpoint, no metrics
 
 
-def test_the_time_budget_passes_unused_time_on_to_later_sections():
+def test_the_time_budget_passes_unused_time_on_to_later_sections(monkeypatch):
     import gpu_check
 
+    # The budget counts from the process's start; this pytest process may be older than the 10 minutes.
+    monkeypatch.setattr(gpu_check, "process_age", lambda: 0.0)
     budget = gpu_check.Budget(10, {"a": 1, "b": 1, "c": 2})
     start = time.monotonic()
     left = budget.end - start
