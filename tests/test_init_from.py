@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import FAST, run_train
 
+import train
 from checkpoint import LATEST
 from config import Config, UsageError, resumed_config
 
@@ -60,13 +61,13 @@ def other_classes(trained, tmp_path):
      "holds a resnet14_tiny, not a resnet26_narrow"),
 ])
 def test_unusable_files_are_refused_in_one_paragraph_before_any_work(digits_dir, trained, tmp_path, make_file,
-                                                                     extra, message):
+                                                                     extra, message, capsys):
     out = tmp_path / "never"
-    done = run_train("--data-dir", digits_dir, "--output-dir", out, *FAST, *extra, "--init-from",
-                     make_file(trained, tmp_path), timeout=60)
-    assert done.returncode == 2
-    errors = done.stderr.strip().splitlines()
-    assert len(errors) == 1 and errors[0].startswith("error: --init-from") and message in errors[0], done.stderr
+    code = train.main(["--data-dir", str(digits_dir), "--output-dir", str(out), *FAST, *extra, "--init-from",
+                       str(make_file(trained, tmp_path))])
+    assert code == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("error: --init-from") and message in errors[0], errors
     assert not out.exists()
 
 

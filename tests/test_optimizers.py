@@ -3,6 +3,7 @@ real runs on the digits that learn and resume bit for bit after a kill."""
 
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import replace
 
@@ -110,6 +111,13 @@ def test_optimizer_misuse_is_refused(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse_config(flags)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_lars_without_timm_is_refused_with_the_command_that_installs_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm.optim", None)  # what an absent package looks like to import
+    with pytest.raises(UsageError, match="pip install 'timm>=1.0,<2'.*--optimizer sgd or adamw"):
+        build_optimizer(tiny_model_with_gradients(), replace(Config(), optimizer="lars", bias_decay=False))
+    build_optimizer(tiny_model_with_gradients(), replace(Config(), optimizer="adamw"))  # torch alone
 
 
 def test_resuming_with_another_optimizer_is_refused_and_old_checkpoints_are_sgd_runs():
