@@ -193,6 +193,8 @@ def resume(run: Run, state: dict) -> None:
         return  # finished; main says so
     log(f"Resuming {run.out}: epoch {run.epoch + 1}, {run.samples_done:,}/{len(run.data.train_set):,} images of "
         f"it done.")
+    # A setting newer than the checkpoint was at its default in that run (an old checkpoint is an SGD run).
+    saved = {**asdict(Config()), **saved}
     changed = {k: (saved.get(k), v) for k, v in asdict(cfg).items()
                if k not in ("no_resume", "demo") and saved.get(k) != v}
     if state["world_size"] != run.rt.world_size:

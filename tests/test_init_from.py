@@ -78,3 +78,18 @@ def test_a_run_is_never_reinitialized_from_another_file():
         resumed_config(Config(init_from="b.pth"), saved, {"init_from"})
     with pytest.raises(UsageError, match="started from random weights"):
         resumed_config(Config(init_from="b.pth"), vars(Config()), {"init_from"})
+
+
+def test_a_checkpoint_from_before_optimizer_and_init_from_resumes_as_the_sgd_run_it_is(digits_dir, trained,
+                                                                                    tmp_path):
+    out = tmp_path / "old"
+    out.mkdir()
+    state = torch.load(trained / LATEST, weights_only=True)
+    for newer in ("optimizer", "lr_scaling", "init_from"):
+        del state["config"][newer]
+    torch.save(state, out / LATEST)
+    done = run_train("--data-dir", digits_dir, "--output-dir", out, *FAST, "--epochs", "2", "--no-tensorboard")
+    assert done.returncode == 0 and "Resuming" in done.stdout, done.stderr
+    assert "epochs: 1 -> 2" in done.stdout  # the one setting that changed, and no other announced
+    assert not any(f"  {newer}:" in done.stdout for newer in ("optimizer", "lr_scaling", "init_from")), done.stdout
+    assert torch.load(out / LATEST, weights_only=True)["config"]["optimizer"] == "sgd"
