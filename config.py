@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 from dataset_paths import DEFAULT_DATA_DIR, DEFAULT_OUTPUT_DIR, DEMO_DATA_DIR, DEMO_OUTPUT_DIR, default_output_dir
 from model import ARCHITECTURES, MIN_IMAGE_SIZE
-from recipes import INSTANCE_PRICES, RECIPES, SCHEDULES
+from recipes import INSTANCE_PRICES, LAYERWISE_OPTIMIZERS, OPTIMIZER_DEFAULTS, RECIPES, SCHEDULES
 
 EXIT_BAD_INPUT = 2  # the user can fix it: a data layout, a flag, a checkpoint
 EXIT_NON_FINITE = 3  # training diverged; the last good checkpoint is kept
@@ -32,26 +32,36 @@ class Config:
                                                        "mounted one (it outlives a spot instance), else beside "
                                                        "the code")
     recipe: str = setting("seed", "preset of the settings below (explicit flags still win): seed = the original "
-                                  "50-epoch one-cycle run; fast = fewer epochs at lower resolution (see recipes.py)",
+                                  "50-epoch one-cycle run; fast = fewer epochs at lower resolution; lars = large "
+                                  "batches on 8+ GPUs after MLPerf's ResNet-50 (see recipes.py)",
                           choices=list(RECIPES))
     arch: str = setting("resnet50", "network; the small ones are for quick CPU runs", choices=list(ARCHITECTURES))
+    # The optimizer's state is part of the run: a checkpoint resumes only with the optimizer that wrote it.
+    optimizer: str = setting("sgd", "sgd (momentum), lars or lamb (layer-wise trust ratio, timm's; need `pip install "
+                                    "timm`), adamw (decoupled weight decay). Another optimizer than the recipe's "
+                                    "brings its published peak LR, reference batch and weight decay (recipes.py)",
+                             choices=list(OPTIMIZER_DEFAULTS))
     epochs: int = setting(50, "passes over the training set")
     batch_size: int = setting(256, "images per GPU (per process) and step")
     lr: float = setting(0.175, "peak learning rate per --lr-reference-batch images of global batch (the recipes "
                                "set 256: on N GPUs x 256 the peak is N x --lr); with --lr-reference-batch 0, "
                                "the peak itself")
-    lr_reference_batch: int = setting(0, "scale --lr linearly by global batch / this many images; 0: use --lr as is")
-    schedule: str = setting("onecycle", "LR schedule: onecycle (cosine up and down), linear or cosine (after a "
-                                        "linear warm-up), step (/10 at 1/3, 2/3 and 8/9 of the run)",
+    lr_reference_batch: int = setting(0, "scale --lr by global batch / this many images; 0: use --lr as is")
+    lr_scaling: str = setting("linear", "how --lr follows global batch / --lr-reference-batch: linear (SGD, Goyal et "
+                                        "al.) or sqrt (the square root: LARS, LAMB, AdamW)", choices=["linear", "sqrt"])
+    schedule: str = setting("onecycle", "LR schedule: onecycle (cosine up and down), linear, cosine or poly "
+                                        "(power 2) after a linear warm-up, step (/10 at 1/3, 2/3 and 8/9 of the "
+                                        "run)",
                             choices=list(SCHEDULES))
     pct_start: float = setting(0.3, "onecycle: fraction of training spent raising the LR to its peak")
-    warmup_epochs: float = setting(0.0, "linear, cosine, step: epochs of linear warm-up to the peak LR")
+    warmup_epochs: float = setting(0.0, "linear, cosine, step, poly: epochs of linear warm-up to the peak LR")
     div_factor: float = setting(25.0, "the LR starts at lr / div_factor")
-    final_div_factor: float = setting(1e4, "onecycle, linear, cosine: the LR ends at lr / div_factor / this")
-    momentum: float = setting(0.9, "SGD momentum (held constant, not cycled)")
+    final_div_factor: float = setting(1e4, "onecycle, linear, cosine, poly: the LR ends at lr / div_factor / this")
+    momentum: float = setting(0.9, "SGD and LARS momentum, LAMB and AdamW beta1 (held constant, not cycled)")
     weight_decay: float = setting(1e-4, "L2 penalty on conv and fc weights (and on 1-D parameters with --bias-decay)")
     bias_decay: bool = setting(True, "also decay biases and BatchNorm parameters (every 1-D parameter, chosen by "
-                                     "shape); --no-bias-decay exempts them", action=argparse.BooleanOptionalAction)
+                                     "shape); --no-bias-decay exempts them (always so under lars and lamb)",
+                               action=argparse.BooleanOptionalAction)
     label_smoothing: float = setting(0.0, "target smoothing for the training loss (validation loss never uses it)")
     ema_decay: float = setting(0.0, "keep an exponential moving average of the weights with this decay per step "
                                     "(e.g. 0.9999), evaluated and saved beside the model; 0: off")
@@ -102,6 +112,10 @@ class Config:
                                        "(\"warn\") on in the step loop between its sync points, write each place "
                                        "there where the host waited for the GPU, and the steps that ran, to "
                                        "OUTPUT_DIR/sync_check.json, and stop without saving; 0: off")
+    # Where the run's weights came from; a rerun of the same command resumes the run, never re-initializes it.
+    init_from: str = setting("", "start a new run from the weights of this train.py checkpoint, with a fresh "
+                                 "optimizer, schedule and epoch count (fine-tuning; or another --optimizer for a "
+                                 "trained network); the network and the number of classes must match")
     no_resume: bool = setting(False, "start a new run; an existing one in --output-dir is moved to a subfolder")
     demo: bool = setting(False, "train on the bundled digits dataset (small network, 32 px) instead of ImageNet")
 
@@ -111,6 +125,10 @@ class Config:
 DEMO_SETTINGS = dict(data_dir=str(DEMO_DATA_DIR), output_dir=str(DEMO_OUTPUT_DIR), arch="resnet26_narrow",
                      epochs=12, batch_size=64, lr=0.2, lr_reference_batch=0, image_size=32, start_image_size=0,
                      eval_image_size=0, min_crop_scale=0.35)
+
+# The demo's peak LR for each optimizer at its batch of 64, without scaling: the published ones belong to ImageNet
+# batches of thousands. Each was checked by training the demo (README, Optimizers).
+DEMO_LRS = {"sgd": 0.2, "lars": 1.0, "lamb": 0.03, "adamw": 0.003}
 
 # Settings of this machine or this invocation rather than of the run: a resume takes them from the command
 # line or their defaults, never from the checkpoint.
@@ -131,9 +149,14 @@ def add_config_argument(parser: argparse.ArgumentParser, f) -> None:
 
 def config_from_flags(explicit: dict) -> Config:
     """The presets (--recipe, then --demo) under the flags that were given. A --data-dir without --output-dir
-    puts the run on that data's volume, as the default data root's run is on its volume."""
-    cfg = Config(**{**RECIPES[explicit.get("recipe", "seed")], **(DEMO_SETTINGS if explicit.get("demo") else {}),
-                    **explicit})
+    puts the run on that data's volume, as the default data root's run is on its volume. A recipe's LR and
+    weight decay are tuned for its own optimizer: another --optimizer brings its own."""
+    recipe = RECIPES[explicit.get("recipe", "seed")]
+    optimizer = explicit.get("optimizer", recipe.get("optimizer", "sgd"))
+    if optimizer != recipe.get("optimizer", "sgd"):
+        recipe = {**recipe, **OPTIMIZER_DEFAULTS[optimizer]}
+    demo = {**DEMO_SETTINGS, "lr": DEMO_LRS[optimizer]} if explicit.get("demo") else {}
+    cfg = Config(**{**recipe, **demo, **explicit})
     if "data_dir" in explicit and "output_dir" not in explicit and not cfg.demo:
         cfg.output_dir = str(default_output_dir(cfg.data_dir))
     return cfg
@@ -195,6 +218,9 @@ def config_problems(cfg: Config) -> list[str]:
             problems.append(f"--compile-backend must name a torch.compile backend (inductor, aot_eager or eager; "
                             f"torch._dynamo.list_backends(exclude_tags=()) lists them all), not "
                             f"{cfg.compile_backend!r}")
+    if cfg.optimizer in LAYERWISE_OPTIMIZERS and cfg.bias_decay:
+        problems.append(f"--bias-decay does not apply to --optimizer {cfg.optimizer}: it never decays BatchNorm "
+                        f"parameters and biases nor rescales their steps, as the published recipes do")
     return problems
 
 
@@ -206,6 +232,19 @@ def resumed_config(cfg: Config, saved: dict, explicit: set[str]) -> Config:
         explicit = explicit | RECIPES[cfg.recipe].keys() | RECIPES.get(saved.get("recipe"), {}).keys()
     names = {f.name for f in fields(Config)} - SESSION_SETTINGS - explicit
     merged = replace(cfg, **{k: v for k, v in saved.items() if k in names})
+    if merged.init_from != saved.get("init_from", ""):
+        raise UsageError(f"{cfg.output_dir} holds a run started from {saved.get('init_from') or 'random weights'}; "
+                         f"--init-from {merged.init_from or '(none)'} starts a new run, which would not continue it. "
+                         f"Pass another --output-dir for the new run, or --no-resume to start it here (the old run "
+                         f"is moved to a subfolder).")
+    started_with = saved.get("optimizer", "sgd")  # checkpoints from before --optimizer are SGD runs
+    if merged.optimizer != started_with:
+        raise UsageError(f"The run in {cfg.output_dir} was trained with --optimizer {started_with}, not "
+                         f"{merged.optimizer}. An optimizer's state (momentum, moment estimates) means nothing to "
+                         f"another one, so the run cannot continue with it. To train on from its weights with "
+                         f"{merged.optimizer}, start a new run from them: --init-from "
+                         f"{cfg.output_dir}/checkpoint.pth with another --output-dir; or pass --no-resume to "
+                         f"start over here (the old run is moved to a subfolder).")
     problems = config_problems(merged)
     if problems:
         raise UsageError(f"The flags given now do not fit the run in {cfg.output_dir}: " + "; ".join(problems))

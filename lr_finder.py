@@ -4,9 +4,10 @@ rises exponentially, and read a peak LR for the one-cycle schedule off the loss 
     python lr_finder.py --demo                                      # bundled digits, CPU, about a minute
     python lr_finder.py --start_lr=1e-4 --end_lr=10 --num_iter=300  # ImageNet at train.py's defaults
 
-Model, data pipeline, augmentation and optimizer settings are train.py's own (train.Config), so the answer
-applies to `python train.py --lr ...` with the same flags. The sweep's weights are discarded: it writes only
-its curve, JSON and plots to --output-dir and refuses a folder that holds a training run.
+Model, data pipeline, augmentation and optimizer (--optimizer: the sweep steps the optimizer the run will use)
+are train.py's own (train.Config), so the answer applies to `python train.py --lr ...` with the same flags. The
+sweep's weights are discarded: it writes only its curve, JSON and plots to --output-dir and refuses a folder that
+holds a training run.
 """
 
 import argparse
@@ -28,12 +29,13 @@ from data import make_demo_dataset
 from dataset_paths import DEMO_DATA_DIR, DEMO_OUTPUT_DIR, REPO_DIR, DatasetLayoutError, check_layout
 from engine import build_data, build_model, build_training, split_cores, train_step
 from gpu_decode import model_batch
+from recipes import peak_lr
 from runtime import Runtime, resolve_device
 
 DEFAULT_OUTPUT_DIR = REPO_DIR / "runs" / "lr_finder"
 DEMO_SWEEP_OUTPUT_DIR = REPO_DIR / "runs" / "lr_finder_demo"
 # train.py flags that change what the sweep measures; help texts and choices come from train.Config.
-SHARED_SETTINGS = ("data_dir", "recipe", "arch", "batch_size", "image_size", "min_crop_scale", "momentum",
+SHARED_SETTINGS = ("data_dir", "recipe", "optimizer", "arch", "batch_size", "image_size", "min_crop_scale", "momentum",
                    "weight_decay", "bias_decay", "label_smoothing", "workers", "decode", "gpu_decode_share", "device",
                    "precision", "seed")
 # The curve must fall at least this far below its starting level to show where learning happens. The second
@@ -213,7 +215,8 @@ def run_sweep(cfg: Config, sweep: argparse.Namespace, classes: list[str], device
             break
     bar.close()
     return {"lr": [float(x) for x in lrs[:len(losses)]], "loss": losses, "smoothed": smoothed,
-            "stop_reason": stop_reason, "precision": training.precision}
+            "stop_reason": stop_reason, "precision": training.precision,
+            "optimizer": type(training.optimizer).__name__}
 
 
 # ---------------------------------------------------------------------------------------------------- outputs
@@ -289,8 +292,7 @@ def train_command(cfg: Config, explicit: dict, lr: float) -> str:
             flags.append(flag if isinstance(value, bool) else f"{flag} {value}")
     # The sweep ran one process at --batch-size; a recipe that scales --lr by the global batch wants it per
     # reference batch.
-    if cfg.lr_reference_batch:
-        lr *= cfg.lr_reference_batch / cfg.batch_size
+    lr /= peak_lr(1.0, cfg.lr_reference_batch, cfg.batch_size, cfg.lr_scaling)
     return " ".join(["python train.py", *flags, f"--lr {lr:.3g}"])
 
 
@@ -306,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UsageError("The LR finder runs as one process on one GPU; start it with python, not torchrun.")
         print(f"Data: {layout.summary()}\nSweeping LR {sweep.start_lr:g} -> {sweep.end_lr:g} over "
-              f"{sweep.num_iter} steps: {cfg.arch}, batch {cfg.batch_size}, {cfg.image_size} px, {device.type}")
+              f"{sweep.num_iter} steps: --optimizer {cfg.optimizer}, {cfg.arch}, batch {cfg.batch_size}, "
+              f"{cfg.image_size} px, {device.type}")
         curve = run_sweep(cfg, sweep, layout.classes, device)
     except (DatasetLayoutError, UsageError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -326,12 +329,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"No LR suggested. Curve and plots in {out}.")
         return 0
     if cfg.lr_reference_batch:
-        print(f"Note: --recipe {cfg.recipe} counts --lr per {cfg.lr_reference_batch} images of global batch and "
-              f"scales it to the actual one; the command below converts this sweep's batch of {cfg.batch_size}.")
+        print(f"Note: --recipe {cfg.recipe} with --optimizer {cfg.optimizer} counts --lr per "
+              f"{cfg.lr_reference_batch} images of global batch and scales it ({cfg.lr_scaling}) to the actual one; "
+              f"the command below converts this sweep's batch of {cfg.batch_size}.")
     elif cfg.device != "cpu" and torch.cuda.device_count() > 1:
         print(f"Note: train.py spreads over {torch.cuda.device_count()} GPUs, a global batch that many times "
               f"larger than this sweep's; the linear scaling rule would multiply the LR by as much.")
-    print(f"Suggested peak LR {result['suggested_lr']:.3g} (minimum loss at {result['min_loss_lr']:.3g} / 10; "
+    print(f"Suggested peak LR for --optimizer {cfg.optimizer}: {result['suggested_lr']:.3g} (minimum loss at "
+          f"{result['min_loss_lr']:.3g} / 10; "
           f"steepest descent at {result['steepest_lr']:.3g}). Train with: "
           f"{train_command(cfg, explicit, result['suggested_lr'])}   [curve and plots in {out}]")
     return 0

@@ -9,10 +9,30 @@ import math
 
 import torch
 
-SCHEDULES = ("onecycle", "linear", "cosine", "step")
+SCHEDULES = ("onecycle", "linear", "cosine", "step", "poly")
+POLY_POWER = 2  # --schedule poly: MLPerf's ResNet-50 LARS runs decay the LR as (1 - progress) ** 2
 # --schedule step divides the LR by 10 at these fractions of the run: epochs 30, 60 and 80 of 90, as in
 # Goyal et al. 2017 (torchvision's classic recipe drops at 30 and 60 only).
 STEP_MILESTONES = (1 / 3, 2 / 3, 8 / 9)
+
+# --optimizer: what each one brings when the recipe in use was tuned for another (explicit flags still win). The
+# peak LR is quoted per lr_reference_batch images of global batch, as published, and scaled to the actual batch by
+# lr_scaling. sgd is Config's own values: the original run's 0.175 per 256 images, linear scaling (Goyal et al.).
+# LARS, LAMB and Adam-type steps grow slower than the batch: timm's training script scales adaptive optimizers
+# by the square root of the batch ratio, and NVIDIA's own LARS configs (LR 7.4 at 1,600 images, 11.0 at 3,200)
+# grow by 1.49x for a doubled batch, nearer sqrt(2) than 2. BatchNorm parameters and biases are never decayed
+# under the three (timm's and ConvNeXt's recipes exclude them; for LARS and LAMB it is forced, see engine.py).
+OPTIMIZER_DEFAULTS = {
+    "sgd": dict(lr=0.175, weight_decay=1e-4, lr_reference_batch=256, lr_scaling="linear", bias_decay=True),
+    # NVIDIA's MLPerf Training v4.0 ResNet-50 on 8 x H200: LR 11.0 at 8 x 400 images, weight decay 5e-5.
+    "lars": dict(lr=11.0, weight_decay=5e-5, lr_reference_batch=3200, lr_scaling="sqrt", bias_decay=False),
+    # "ResNet strikes back" (Wightman et al. 2021) procedure A3: LAMB, LR 8e-3 at 2,048 images, weight decay 0.02.
+    "lamb": dict(lr=8e-3, weight_decay=0.02, lr_reference_batch=2048, lr_scaling="sqrt", bias_decay=False),
+    # ConvNeXt's modernized ResNet-50 (Liu et al. 2022): AdamW, LR 4e-3 at 4,096 images, weight decay 0.05.
+    "adamw": dict(lr=4e-3, weight_decay=0.05, lr_reference_batch=4096, lr_scaling="sqrt", bias_decay=False),
+}
+# LARS and LAMB rescale each layer's step by a trust ratio (timm's implementations).
+LAYERWISE_OPTIMIZERS = ("lars", "lamb")
 
 # --recipe presets. Precedence: train.Config's defaults < the recipe < --demo's settings < explicit flags.
 RECIPES = {
@@ -28,6 +48,14 @@ RECIPES = {
     "fast": dict(schedule="linear", warmup_epochs=2.0, epochs=32, lr=0.1, lr_reference_batch=256,
                  label_smoothing=0.1, bias_decay=False, start_image_size=160, image_size=192, eval_image_size=256,
                  eval_flip=True),
+    # Large batches on 8 GPUs and more, after NVIDIA's MLPerf Training v4.0 ResNet-50 submission on 8 x H200
+    # (config_DGXH100.sh, common/fit.py and common/optimizer.py of h200_ngc24.04_mxnet): LARS with trust
+    # coefficient 0.001 and momentum 0.9, peak LR 11.0 for 3,200 images (8 x 400), 2 epochs of linear warm-up
+    # from zero, then polynomial decay of power 2 to 1e-4 at epoch 37; weight decay 5e-5, none on BatchNorm
+    # and biases (nor any trust ratio); label smoothing 0.1. div_factor 1e5 starts the warm-up at about zero,
+    # final_div_factor 1.1 ends at 11.0 / 1.1e5 = 1e-4.
+    "lars": dict(optimizer="lars", **OPTIMIZER_DEFAULTS["lars"], schedule="poly", warmup_epochs=2.0, epochs=37,
+                 momentum=0.9, label_smoothing=0.1, div_factor=1e5, final_div_factor=1.1),
 }
 
 # --instance-type: US dollars per hour for the whole instance (Linux, US East). Prices change and differ by
@@ -60,9 +88,9 @@ def learning_rate(schedule: str, step: int, total_steps: int, warmup_steps: int,
     """The LR before optimizer step `step` (0-based) of `total_steps`.
 
     Every schedule starts at peak / div_factor. onecycle warms up over pct_start of the run (cosine); the
-    others rise linearly over warmup_steps, then: linear and cosine fall to peak / div_factor /
-    final_div_factor at the last step, step holds the peak and divides it by 10 at each STEP_MILESTONES
-    fraction of the run.
+    others rise linearly over warmup_steps, then: linear, cosine and poly (end + (peak - end) * (1 -
+    progress) ** POLY_POWER) fall to end = peak / div_factor / final_div_factor at the last step, step holds
+    the peak and divides it by 10 at each STEP_MILESTONES fraction of the run.
     """
     if schedule == "onecycle":
         return onecycle_lr(step, total_steps, peak, pct_start, div_factor, final_div_factor)
@@ -77,12 +105,18 @@ def learning_rate(schedule: str, step: int, total_steps: int, warmup_steps: int,
         return peak + (end - peak) * frac
     if schedule == "cosine":
         return end + (peak - end) * (1 + math.cos(math.pi * frac)) / 2
+    if schedule == "poly":
+        return end + (peak - end) * (1 - frac) ** POLY_POWER
     raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
 
 
-def peak_lr(lr: float, reference_batch: int, global_batch: int) -> float:
-    """--lr as given, or scaled linearly from a reference global batch to the actual one."""
-    return lr * global_batch / reference_batch if reference_batch else lr
+def peak_lr(lr: float, reference_batch: int, global_batch: int, scaling: str = "linear") -> float:
+    """--lr as given, or scaled from a reference global batch to the actual one: linearly, or by the square root
+    of the ratio."""
+    if not reference_batch:
+        return lr
+    ratio = global_batch / reference_batch
+    return lr * (ratio if scaling == "linear" else math.sqrt(ratio))
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float, bias_decay: bool) -> list[dict]:

@@ -32,12 +32,18 @@ from tqdm import tqdm
 
 import engine
 import outputs
-from checkpoint import CheckpointError, load_latest_checkpoint, remove_stale_temporaries, save_checkpoint
+from checkpoint import (
+    CheckpointError,
+    load_latest_checkpoint,
+    read_checkpoint,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
 from config import EXIT_BAD_INPUT, EXIT_NON_FINITE, Config, UsageError, parse_args, resumed_config
 from data import DataVanishedError, make_demo_dataset
 from dataset_paths import DEMO_DATA_DIR, DatasetLayoutError, check_layout
 from gpu_decode import model_batch
-from recipes import WeightAverage, learning_rate, parameter_groups, peak_lr
+from recipes import WeightAverage, learning_rate, peak_lr
 from runtime import (
     JobFailed,
     Runtime,
@@ -137,7 +143,7 @@ class Run:
         return self.epoch * self.data.sampler.steps_per_epoch() + self.samples_done // self.data.sampler.global_batch
 
     def peak_lr(self) -> float:
-        return peak_lr(self.cfg.lr, self.cfg.lr_reference_batch, self.data.sampler.global_batch)
+        return peak_lr(self.cfg.lr, self.cfg.lr_reference_batch, self.data.sampler.global_batch, self.cfg.lr_scaling)
 
     def lr_at(self, step: int) -> float:
         c, steps_per_epoch = self.cfg, self.data.sampler.steps_per_epoch()
@@ -225,24 +231,25 @@ def resume(run: Run, state: dict) -> None:
     run.carried_seconds = state["epoch_seconds"]
     run.compile_seconds = state.get("epoch_compile_seconds", 0.0)
     run.compile_images = state.get("epoch_compile_images", 0)
-    # The command line wins over the saved hyperparameters.
-    fresh = parameter_groups(t.raw_model, cfg.weight_decay, cfg.bias_decay)
+    # The command line wins over the saved hyperparameters (config.resumed_config refused another optimizer).
+    fresh = engine.build_optimizer(t.raw_model, cfg).param_groups
     for group, new in zip(t.optimizer.param_groups, fresh, strict=True):
-        group.update(momentum=cfg.momentum, weight_decay=new["weight_decay"])
+        group.update({k: new[k] for k in ("momentum", "betas", "weight_decay") if k in new})
     if t.ema and state.get("ema"):
         t.ema.model.load_state_dict(state["ema"])
     if run.epoch >= cfg.epochs:
         return  # finished; main says so
     log(f"Resuming {run.out}: epoch {run.epoch + 1}, {run.samples_done:,}/{len(run.data.train_set):,} images of "
         f"it done.")
-    # saved.get(k, v): a setting newer than the checkpoint changed nothing worth announcing.
+    # A setting newer than the checkpoint was at its default in that run (an old checkpoint is an SGD run).
+    saved = {**asdict(Config()), **saved}
     changed = {k: (saved.get(k), v) for k, v in asdict(cfg).items()
-               if k not in ("no_resume", "demo") and saved.get(k, v) != v}
+               if k not in ("no_resume", "demo") and saved.get(k) != v}
     if state["world_size"] != run.rt.world_size:
         changed["processes"] = (state["world_size"], run.rt.world_size)
     for key, (old, new) in changed.items():
         log(f"  {key}: {old} -> {new}; the new value applies from here on.")
-    if changed.keys() & {"epochs", "lr", "lr_reference_batch", "schedule", "pct_start", "warmup_epochs",
+    if changed.keys() & {"epochs", "lr", "lr_reference_batch", "lr_scaling", "schedule", "pct_start", "warmup_epochs",
                          "div_factor", "final_div_factor", "batch_size", "processes"}:
         log(f"  The LR schedule is recomputed for {cfg.epochs} epochs; the LR now is "
             f"{run.lr_at(run.global_step()):.4g}.")
@@ -428,8 +435,8 @@ def fit(run: Run) -> int:
     cfg = run.cfg
     log(f"Training {cfg.arch} on {run.rt.world_size} x {run.rt.device.type} ({run.training.precision}), "
         f"{cfg.batch_size} images per process per step, {run.data.sampler.steps_per_epoch()} steps per epoch, "
-        f"recipe {cfg.recipe}: {cfg.schedule} schedule to peak LR {run.peak_lr():.4g}, {cfg.epochs} epochs. "
-        f"Outputs: {run.out}")
+        f"recipe {cfg.recipe}: {cfg.optimizer}, {cfg.schedule} schedule to peak LR {run.peak_lr():.4g}, "
+        f"{cfg.epochs} epochs. Outputs: {run.out}")
     while run.epoch < cfg.epochs:
         epoch = train_epoch(run)
         if epoch.outcome == "stop":
@@ -493,7 +500,35 @@ def prepare(cfg: Config) -> list[str]:
         make_demo_dataset(DEMO_DATA_DIR)
     layout = check_layout(cfg.data_dir)
     log(f"Data: {layout.summary()}")
+    if cfg.init_from:
+        init_weights(cfg, layout.classes)  # read again where a new run starts: a run that resumes needs none
     return layout.classes
+
+
+def init_weights(cfg: Config, classes: list[str]) -> dict:
+    """--init-from's weights, once they are known to fit: a readable train.py checkpoint of the same network
+    for as many classes. Only the weights are taken; optimizer, schedule and epochs start afresh."""
+    path = Path(cfg.init_from)
+    if not path.is_file():
+        raise UsageError(f"--init-from {path}: there is no such file. Pass the checkpoint.pth of a train.py run "
+                         f"(e.g. runs/demo/checkpoint.pth) to start a new run from its weights.")
+    try:
+        state = read_checkpoint(path)
+    except Exception as err:  # torch.load fails in many ways on a file that is not a checkpoint; each means unusable
+        raise UsageError(f"--init-from {path} is not a readable train.py checkpoint ({type(err).__name__}: "
+                         f"{str(err)[:200]}). Pass the checkpoint.pth of a train.py run.") from err
+    arch, their_classes = state["config"].get("arch"), state["class_names"]
+    if len(their_classes) != len(classes):
+        raise UsageError(f"--init-from {path} classifies {len(their_classes)} classes, but {cfg.data_dir} has "
+                         f"{len(classes)}: its classifier cannot be trained on for this dataset. Pass a checkpoint "
+                         f"trained on these {len(classes)} classes.")
+    if arch != cfg.arch:
+        raise UsageError(f"--init-from {path} holds a {arch}, not a {cfg.arch}. Pass --arch {arch} to start from "
+                         f"its weights.")
+    if their_classes != classes:
+        log(f"--init-from {path} was trained on other class names; its outputs are kept in order and trained "
+            f"on as this dataset's {len(classes)} classes.")
+    return state["model"]
 
 
 def read_run(cfg: Config, rt: Runtime):
@@ -544,6 +579,12 @@ def run_training(cfg: Config, classes: list[str], explicit: set[str], rt: Runtim
             cfg.threads = threads
             engine.split_cores(cfg.workers, rt, threads)
             log(f"Compute threads: {threads} ({reason}); kept for this run, --threads N overrides.")
+    if state is None and cfg.init_from:
+        run.training.raw_model.load_state_dict(init_weights(cfg, classes))
+        if run.training.ema:
+            run.training.ema = WeightAverage(run.training.raw_model, cfg.ema_decay)
+        log(f"Starting a new run from the weights in {cfg.init_from}: fresh {cfg.optimizer} optimizer, schedule and "
+            f"{cfg.epochs} epochs.")
     if state is not None:
         resume(run, state)
         if rt.master:

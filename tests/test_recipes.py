@@ -140,3 +140,24 @@ def test_photo_patches_dataset_is_a_complete_imagenet_style_layout(tmp_path):
         assert len(list((root / "train" / name).iterdir())) == TRAIN_PER_CLASS
         assert len(list((root / "val" / name).iterdir())) == VAL_PER_CLASS
     assert make_photo_patches(root) == root  # a finished dataset is reused, not rewritten
+
+
+def test_poly_schedule_is_mlperfs_power_2_decay_after_the_warmup():
+    """MLPerf's ResNet-50 LARS schedule: end + (peak - end) * (1 - progress) ** 2 after a linear warm-up."""
+    total, warmup, end = 102, 21, PEAK / DIV / FINAL_DIV
+    lrs = [learning_rate("poly", s, total, warmup, PEAK, 0.3, DIV, FINAL_DIV) for s in range(total)]
+    assert lrs[0] == pytest.approx(PEAK / DIV) and lrs[warmup] == pytest.approx(PEAK) and lrs[-1] == pytest.approx(end)
+    assert lrs[61] == pytest.approx(end + (PEAK - end) * 0.5 ** 2)  # halfway through the decay: a quarter
+    assert all(a > b for a, b in zip(lrs[warmup:], lrs[warmup + 1:], strict=False))
+
+
+def test_lars_recipe_is_mlperfs_large_batch_recipe():
+    cfg = parse_config(["--recipe", "lars"])
+    assert (cfg.optimizer, cfg.lr, cfg.lr_reference_batch, cfg.lr_scaling) == ("lars", 11.0, 3200, "sqrt")
+    assert (cfg.schedule, cfg.warmup_epochs, cfg.epochs, cfg.weight_decay, cfg.label_smoothing, cfg.bias_decay) == \
+        ("poly", 2.0, 37, 5e-5, 0.1, False)
+    # The MLPerf end LR of 1e-4, and a warm-up that starts from about zero.
+    assert cfg.lr / cfg.div_factor / cfg.final_div_factor == pytest.approx(1e-4)
+    assert cfg.lr / cfg.div_factor < 1e-3
+    assert peak_lr(cfg.lr, cfg.lr_reference_batch, 8 * 400, cfg.lr_scaling) == 11.0
+    assert parse_config(["--recipe", "lars", "--optimizer", "sgd"]).lr == 0.175  # SGD brings its own LR
