@@ -253,12 +253,12 @@ def data_wait_advice(fraction: float, decode: str, gpu_decode_share: float, devi
     """What to try when training waited for data more than a tenth of the time, or when the GPU decodes
     JPEGs that idle workers could have decoded instead. decode is the flag; the route it took is what counts
     (--decode auto is the workers' or DALI's)."""
-    decode = decode_route(decode, torch.device(device_type))[0]
     if fraction < 0.02 and device_type == "cuda" and decode == "gpu" and gpu_decode_share > 0:
         return (f"; the workers keep up, so a --gpu-decode-share below {gpu_decode_share:g} may leave more of the "
                 f"GPU to training")
     if fraction < 0.1:
         return ""
+    decode = decode_route(decode, torch.device(device_type))[0]  # asks the GPU, so only when there is advice
     if device_type == "cuda" and decode == "cpu":
         return "; the loader workers cannot keep up: try --decode gpu or dali (pip install -r requirements-dali.txt)"
     if device_type == "cuda" and gpu_decode_share < 1:
