@@ -87,8 +87,8 @@ def build_model(cfg: Config, num_classes: int) -> torch.nn.Module:
 
 
 def timm_optimizers(name: str):
-    """timm's optim package, which holds the LARS and LAMB used here. It is optional: SGD and AdamW need only
-    torch, and timm brings its model zoo and the Hugging Face client along for two classes."""
+    """timm's optim package, which holds the LARS and LAMB used here. requirements.txt installs it; a stock
+    GPU image may lack it, and SGD and AdamW need only torch, so only these two are refused without it."""
     try:
         import timm.optim
     except ImportError as err:
