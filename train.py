@@ -50,7 +50,11 @@ class StopRequest:
 
     def handle(self, signum, frame):
         if self.signal_name and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            # Die of the signal itself: a KeyboardInterrupt would unwind past the data loader, whose workers are
+            # only stopped at exit, with the SIGTERM that buys them WORKER_GRACE_SECONDS.
+            sys.stdout.flush()
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
         self.signal_name = signal.Signals(signum).name
         if signum == signal.SIGHUP:
             # Writing to a terminal that is gone fails, and the save must not die of a progress bar. Output

@@ -4,11 +4,11 @@ One short train.py run on the bundled digits per test session, whichever of thos
 fixture keeps its result in this module, which Python imports once however many test files import it.
 """
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_job
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -24,8 +24,9 @@ def demo_checkpoint(tmp_path_factory) -> Path:
     train.py --demo if it is not there yet."""
     if "checkpoint" not in _built:
         out = tmp_path_factory.mktemp("demo_run")
-        subprocess.run([sys.executable, str(ROOT / "train.py"), "--demo", "--arch", "resnet14_tiny", "--epochs", "2",
-                        "--output-dir", str(out)], cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
+        done = run_job([sys.executable, str(ROOT / "train.py"), "--demo", "--arch", "resnet14_tiny", "--epochs", "2",
+                        "--output-dir", str(out)], 300, cwd=ROOT)
+        assert done.returncode == 0, done.stderr
         _built["checkpoint"] = out / "checkpoint.pth"
     return _built["checkpoint"]
 

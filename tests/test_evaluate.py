@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import run_job
 from inference_fixtures import DIGITS, ROOT, demo_checkpoint  # noqa: F401  (a fixture)
 
 import evaluate
@@ -58,10 +59,9 @@ def test_several_processes_count_every_image_once(demo_checkpoint):  # noqa: F81
     # Three CPU processes under torchrun (gloo): 360 images split 120 each, with a batch size that leaves
     # partial batches, and the totals still equal the single-process ones.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
-                           "evaluate.py", "--checkpoint", str(demo_checkpoint), "--data-dir", str(DIGITS), "--json",
-                           "--workers", "0", "--batch-size", "50"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=180, env=env)
+    proc = run_job([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
+                    "evaluate.py", "--checkpoint", str(demo_checkpoint), "--data-dir", str(DIGITS), "--json",
+                    "--workers", "0", "--batch-size", "50"], 180, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(results) == 1, proc.stdout  # only rank 0 prints

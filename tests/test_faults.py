@@ -4,6 +4,7 @@ images, a dying DDP rank, and data or output folders that vanish or turn read-on
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,7 +12,7 @@ from contextlib import ExitStack, contextmanager
 
 import pytest
 import torch
-from conftest import FAST, REPO, add_odd_images, run_train, train_cmd
+from conftest import FAST, REPO, add_odd_images, run_job, run_train, start_job, train_cmd
 from test_resume import ARGS, assert_same_run, metrics, uninterrupted, wait_for_new_checkpoint  # noqa: F401
 
 from checkpoint import LATEST, load_latest_checkpoint
@@ -38,21 +39,11 @@ sys.exit(train.main(sys.argv[1:]))
 
 def popen_train(*args, slow_saves=False, **kwargs) -> subprocess.Popen:
     cmd = [sys.executable, "-c", SLOW_SAVES, *map(str, args)] if slow_saves else train_cmd(*args)
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, **kwargs)
+    return start_job(cmd, **{"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **kwargs})
 
 
 def temporaries(out):
     return sorted(out.glob(f"{LATEST}.tmp-*"))
-
-
-@pytest.fixture(scope="module")
-def one_epoch(digits_dir, tmp_path_factory):
-    """A finished first epoch of a 2-epoch run, copied by each test that continues it."""
-    out = tmp_path_factory.mktemp("one_epoch")
-    result = run_train("--data-dir", digits_dir, "--output-dir", out, *FAST, "--epochs", 1)
-    assert result.returncode == 0, result.stderr
-    return out
 
 
 def continued(one_epoch, folder):
@@ -99,6 +90,51 @@ def test_sigkill_inside_a_checkpoint_write_then_rerun_is_bit_identical(digits_di
     assert "Resuming" in result.stdout and "unreadable" not in result.stdout
     assert temporaries(out) == []
     assert_same_run(out, uninterrupted)  # also: metrics.csv holds epochs 1 and 2 once each
+
+
+# ---------------------------------------------------------------------------------------- stop signals
+
+def wait_for_line(log, text, proc, timeout=120):
+    """Wait until the run's output file holds `text` (the progress bar writes there at once)."""
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"no {text!r} in time"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_a_spot_notice_to_the_whole_process_group_saves_and_exits_0(digits_dir, tmp_path, sig):
+    """Ctrl-C in a terminal and a spot interruption signal every process of the run, loader workers included.
+    Saves are due only at epoch ends, so a checkpoint in the middle of the epoch is the stop's own."""
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    with open(log, "w") as f:
+        run = popen_train("--data-dir", digits_dir, "--output-dir", out, *FAST, "--batch-size", 8, "--epochs", 1,
+                          "--log-every", 3, "--checkpoint-minutes", 100, stdout=f, stderr=subprocess.STDOUT)
+    wait_for_line(log, "epoch 1/1", run)
+    os.killpg(run.pid, sig)
+    assert run.wait(timeout=60) == 0, log.read_text()[-3000:]
+    assert f"Stopped by {sig.name}; checkpoint saved at epoch 1" in log.read_text()
+    state = load_latest_checkpoint(out)
+    assert state["epoch"] == 0 and 0 < state["samples_done"] < 1437
+
+
+def test_a_second_ctrl_c_quits_at_once_without_saving(digits_dir, tmp_path):
+    """The first Ctrl-C asks for a save at the next sync point, which here is the end of the epoch; the second
+    one, sent as soon as the first is acknowledged, ends the run before it."""
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    with open(log, "w") as f:
+        run = popen_train("--data-dir", digits_dir, "--output-dir", out, *FAST, "--batch-size", 8, "--epochs", 1,
+                          "--log-every", 1000, "--checkpoint-minutes", 100, stdout=f, stderr=subprocess.STDOUT)
+    wait_for_line(log, "epoch 1/1", run)
+    os.killpg(run.pid, signal.SIGINT)
+    wait_for_line(log, "SIGINT received", run)
+    sent = time.monotonic()
+    os.killpg(run.pid, signal.SIGINT)
+    code = run.wait(timeout=60)
+    assert code == -signal.SIGINT, log.read_text()[-3000:]  # Python's exit for an unhandled KeyboardInterrupt
+    assert time.monotonic() - sent < 10
+    assert "Stopped by" not in log.read_text() and not (out / LATEST).exists() and temporaries(out) == []
 
 
 # ---------------------------------------------------------------------------------------- full disk
@@ -218,8 +254,7 @@ def test_an_output_folder_that_vanishes_or_turns_read_only_stops_cleanly(digits_
 def torchrun(*args, restarts=0):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            f"--max-restarts={restarts}", str(REPO / "train.py"), *map(str, args)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return start_job(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def worker_pid(launcher: subprocess.Popen, rank: int) -> int:
@@ -272,7 +307,10 @@ def test_a_second_run_is_refused_and_a_killed_one_leaves_no_lock(digits_dir, tmp
     first = popen_train(*args, "--epochs", 50)
     wait_for_new_checkpoint(out, first, None)
     second = run_train(*args)
-    assert second.returncode == 2 and f"Another training run is using {out}: process {first.pid}" in second.stderr
+    command = " ".join(train_cmd(*args, "--epochs", 50)[1:])  # the first run's sys.argv
+    assert second.returncode == 2, second.stderr
+    assert f"Another training run is using {out}: process {first.pid} on {socket.gethostname()}, started " \
+        in second.stderr and f" as `{command}`" in second.stderr
     assert "tmux attach" in second.stderr and "Traceback" not in second.stderr
     assert first.poll() is None  # the running one is untouched
     # kill -9 leaves the lock file behind, but the kernel released the lock with the process.
@@ -287,7 +325,7 @@ def test_a_hang_up_saves_like_sigterm_and_the_rerun_is_bit_identical(digits_dir,
     out = tmp_path / "run"
     args = ["--data-dir", digits_dir, "--output-dir", out, *ARGS]
     # A plain SSH session's hang-up reaches the whole process group, loader workers included.
-    run = popen_train(*args, start_new_session=True)
+    run = popen_train(*args)  # in a process group of its own, as every job the tests start
     wait_for_new_checkpoint(out, run, None)
     os.killpg(run.pid, signal.SIGHUP)
     stdout, stderr = run.communicate(timeout=60)
@@ -328,7 +366,7 @@ def step(t, x, labels, lr, global_step):
 engine.train_step = step
 sys.exit(train.main({args!r}))
 """
-    result = subprocess.run([sys.executable, "-c", poisoned], cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = run_job([sys.executable, "-c", poisoned], 300, cwd=REPO)
     assert result.returncode == 3, result.stderr
     assert "The weights became non-finite in epoch 1 at step 10, so they were not saved" in result.stdout
     state = load_latest_checkpoint(out)

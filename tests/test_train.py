@@ -1,12 +1,11 @@
 import csv
 import hashlib
-import subprocess
 import sys
 import time
 
 import pytest
 import torch
-from conftest import FAST, REPO, run_train
+from conftest import FAST, REPO, run_job, run_train
 
 from checkpoint import LATEST, PREVIOUS
 from config import parse_config
@@ -259,7 +258,7 @@ code = train.main({[str(a) for a in ("--data-dir", digits_dir, "--output-dir", t
 print(f"tensors made on the device: {{made[0]}}")
 sys.exit(code)
 """
-    result = subprocess.run([sys.executable, "-c", wrapper], cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = run_job([sys.executable, "-c", wrapper], 300, cwd=REPO)
     assert result.returncode == 0, result.stderr
     # 44 steps: 4 sync points, and the stop vote after the epoch.
     assert int(result.stdout.rsplit("tensors made on the device: ", 1)[1]) == 5
