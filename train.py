@@ -30,7 +30,7 @@ import engine
 import outputs
 from checkpoint import CheckpointError, load_latest_checkpoint, remove_stale_temporaries, save_checkpoint
 from config import EXIT_BAD_INPUT, EXIT_NON_FINITE, Config, UsageError, parse_args, resumed_config
-from data import DataVanishedError, make_demo_dataset
+from data import DataVanishedError, FailingVolumeError, make_demo_dataset
 from dataset_paths import DEMO_DATA_DIR, DatasetLayoutError, check_layout
 from gpu_decode import model_batch
 from recipes import WeightAverage, learning_rate, parameter_groups, peak_lr
@@ -440,6 +440,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: the training data in {cfg.data_dir} disappeared during training (a class folder is "
                   f"gone: moved, deleted or unmounted). The checkpoints in {cfg.output_dir} are intact: restore "
                   f"or remount the data and rerun the same command to continue from them.", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except FailingVolumeError as err:
+        if os.environ.get("RANK", "0") == "0":
+            # Re-raised from a loader worker, the message follows that worker's traceback.
+            files = str(err).rsplit(f"{FailingVolumeError.__name__}: ", 1)[-1]
+            print(f"error: {files}\nThe checkpoints in {cfg.output_dir} are intact: check the data volume, then "
+                  f"rerun the same command to continue from them.", file=sys.stderr)
         return EXIT_BAD_INPUT
     except NonFiniteLoss as err:
         log(f"error: {err}")

@@ -137,6 +137,38 @@ def test_a_second_ctrl_c_quits_at_once_without_saving(digits_dir, tmp_path):
     assert "Stopped by" not in log.read_text() and not (out / LATEST).exists() and temporaries(out) == []
 
 
+# ---------------------------------------------------------------------------------------- metrics.csv
+
+# train.py and its loader workers killed (SIGKILL, as by kill -9 on the job) the first time it writes an epoch's
+# row: after that epoch's checkpoint is saved, before metrics.csv holds its row.
+KILLED_BEFORE_THE_ROW = f"""
+import os, signal, sys
+sys.path.insert(0, {str(REPO)!r})
+import outputs, train
+def killed(*args):
+    os.killpg(0, signal.SIGKILL)
+outputs.write_epoch_outputs = killed
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_a_row_a_kill_kept_out_of_metrics_csv_is_written_on_resume(digits_dir, tmp_path):
+    out = tmp_path / "run"
+    args = ["--data-dir", digits_dir, "--output-dir", out, *FAST, "--epochs", 1]
+    killed = run_job([sys.executable, "-c", KILLED_BEFORE_THE_ROW, *map(str, args)], 300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    saved = load_latest_checkpoint(out)
+    assert saved["epoch"] == 1 and not (out / "metrics.csv").exists()
+
+    rerun = run_train(*args)  # finds the run finished, and writes what the file lacks
+    assert rerun.returncode == 0 and "already finished" in rerun.stdout, rerun.stderr
+    [row] = metrics(out)
+    expected = saved["history"][0]
+    assert int(row["epoch"]) == 1 and int(row["train_images"]) == expected["train_images"] == 1437 // 32 * 32
+    for column in ("val_acc1", "val_acc5", "val_loss", "train_loss", "lr"):
+        assert float(row[column]) == pytest.approx(expected[column], rel=1e-12), column
+
+
 # ---------------------------------------------------------------------------------------- full disk
 
 def test_a_full_disk_stops_the_run_clearly_and_keeps_the_last_checkpoint(digits_dir, one_epoch, tmp_path):
@@ -195,6 +227,24 @@ def test_bad_images_are_skipped_counted_and_named_and_the_run_completes(digits_d
     expected = [expected_train_skips(1443, broken, epoch) + 3 for epoch in (0, 1)]
     assert [int(r["skipped_images"]) for r in rows] == expected
     assert f"| {expected[0]} unreadable images skipped" in result.stdout
+
+
+def test_sixteen_unreadable_training_images_in_a_row_stop_the_run(digits_dir, tmp_path):
+    """A class folder of unreadable files is what a failing volume looks like: no image replaces them, so the
+    run stops, naming the files, instead of training on whatever the disk still returns."""
+    data = tmp_path / "data"
+    shutil.copytree(digits_dir, data)
+    broken = sorted((data / "train" / "digit_3").iterdir())
+    for path in broken:
+        path.write_bytes(b"")
+    out = tmp_path / "run"
+    result = run_train("--data-dir", data, "--output-dir", out, *FAST, "--epochs", 1)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"{MAX_CONSECUTIVE_BAD} unreadable images in a row, starting at {data / 'train' / 'digit_3'}" \
+        in result.stderr and "is the data volume failing?" in result.stderr
+    named = [p for p in broken if f"{p} (" in result.stderr]
+    assert len(named) == MAX_CONSECUTIVE_BAD and "intact" in result.stderr
+    assert not (out / LATEST).exists() and not (out / "metrics.csv").exists()
 
 
 # ---------------------------------------------------------------------------------------- folders vanish
@@ -347,6 +397,30 @@ def test_an_unwritable_output_folder_is_refused_before_any_work(digits_dir, tmp_
         result = run_train("--data-dir", digits_dir, "--output-dir", out, *FAST, "--epochs", 1)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"Cannot write in the output folder {out}" in result.stderr and "epoch 1" not in result.stdout
+
+
+def test_a_non_finite_loss_stops_the_run_even_while_the_weights_stay_finite(digits_dir, tmp_path):
+    """fp16's loss scaler skips the steps whose gradients overflow, so the loss can be inf while the weights stay
+    finite: the loss check alone must stop the run, at the sync point that sees it, before its save."""
+    out = tmp_path / "run"
+    args = [str(a) for a in ("--data-dir", digits_dir, "--output-dir", out, *FAST, "--epochs", 1, "--log-every", 5,
+                             "--checkpoint-minutes", "0.00001")]
+    inf_loss = f"""
+import sys, torch, engine, train
+train_step = engine.train_step
+def step(t, x, labels, lr, global_step):
+    loss, logits = train_step(t, x, labels, lr, global_step)
+    return (torch.full_like(loss, float("inf")), logits) if global_step == 7 else (loss, logits)
+engine.train_step = step
+sys.exit(train.main({args!r}))
+"""
+    result = run_job([sys.executable, "-c", inf_loss], 300, cwd=REPO)
+    assert result.returncode == 3, result.stderr
+    assert "The training loss became non-finite in epoch 1 at step 10" in result.stdout
+    assert "weights became non-finite" not in result.stdout
+    state = load_latest_checkpoint(out)
+    assert state["samples_done"] == 5 * 32
+    assert all(t.isfinite().all() for t in state["model"].values() if t.is_floating_point())
 
 
 def test_weights_made_non_finite_by_an_update_are_never_saved(digits_dir, tmp_path):
