@@ -8,7 +8,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from inference_fixtures import DIGITS, a_val_image, demo_checkpoint  # noqa: F401  (a fixture)
+from inference_fixtures import DIGITS, a_val_image, checkpoint_logits, demo_checkpoint, direct_scores  # noqa: F401
 from PIL import Image
 
 import evaluate
@@ -34,7 +34,14 @@ def test_torchscript_matches_pytorch(demo_checkpoint, tmp_path, capsys):  # noqa
     extra = {"class_names.json": "", "image_size": ""}
     loaded = torch.jit.load(str(path), _extra_files=extra)
     assert json.loads(extra["class_names.json"]) == [f"digit_{i}" for i in range(10)]
-    assert loaded(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert int(extra["image_size"]) == 32
+    # The exported file alone, on the real val images, against the checkpoint's weights in a network built here
+    # and against the top-1 train.py logged.
+    exported, _, labels = checkpoint_logits(demo_checkpoint, loaded)
+    reference, _, _ = checkpoint_logits(demo_checkpoint)
+    assert (exported - reference).abs().max() <= PARITY_BOUND
+    logged = read_checkpoint(demo_checkpoint)["history"][-1]["val_acc1"]
+    assert direct_scores(exported, labels)["val_acc1"] == pytest.approx(logged, abs=1e-6)
 
 
 def test_onnx_matches_pytorch_and_scores_the_same(demo_checkpoint, tmp_path, capsys):  # noqa: F811
