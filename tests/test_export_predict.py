@@ -65,8 +65,9 @@ def test_int8_quantization_is_measured(demo_checkpoint, tmp_path, capsys):  # no
     assert result["int8_bytes"] < result["fp32_bytes"] / 2
     assert result["fp32_onnx_max_abs_diff"] <= PARITY_BOUND
     assert result["val_images"] == 360 and result["calibration_images"] == 64
-    # A 2-epoch network is a rough test of int8 ranges; a broken quantization lands near chance (10%) instead.
-    assert abs(result["acc1_change"]) <= 10
+    # Measured on the 2-epoch network (35.8% top-1): +0.56 points top-1, -0.28 top-5 (2 and 1 of 360 images).
+    # Ranges calibrated wrongly cost several points; an int8 model that works loses at most a few images.
+    assert abs(result["acc1_change"]) <= 2 and abs(result["int8_acc5"] - result["fp32_acc5"]) <= 2
     assert all(t["onnxruntime_int8_ms"] > 0 for t in result["timings"].values())
     # evaluate.py scores the int8 file on its own and gets the number export.py reported.
     code, out, _ = run(capsys, evaluate, "--checkpoint", path, "--data-dir", DIGITS, "--json", "--workers", 0)

@@ -330,12 +330,15 @@ def test_a_dead_ddp_rank_ends_the_job_promptly_and_max_restarts_resumes_it(digit
     args = ["--data-dir", digits_dir, "--output-dir", out, *CONTINUE]
     job = torchrun(*args)
     wait_for_new_checkpoint(out, job, None)
-    os.kill(worker_pid(job, 1), signal.SIGKILL)
+    dead = worker_pid(job, 1)
+    os.kill(dead, signal.SIGKILL)
     killed = time.monotonic()
     output, _ = job.communicate(timeout=120)
     assert job.returncode != 0
     assert time.monotonic() - killed < 60  # no hang: torchrun stops the survivor
-    assert "Root Cause" in output and "Signal 9 (SIGKILL) received by PID" in output
+    root_cause = output.split("Root Cause (first observed failure):", 1)[1]
+    assert "rank      : 1 (local_rank: 1)" in root_cause and f"(pid: {dead})" in root_cause, output[-3000:]
+    assert f"Signal 9 (SIGKILL) received by PID {dead}" in root_cause
     assert load_latest_checkpoint(out)["epoch"] == 0 and temporaries(out) == []
 
     # The same command with --max-restarts: the rank dies once more and torchrun restarts both, which resume.

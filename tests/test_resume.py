@@ -126,8 +126,10 @@ def test_evaluate_py_reproduces_the_logged_scores_of_the_model_and_of_its_weight
 
     plain, averaged = evaluate(), evaluate("--ema")
     assert plain["tta_flip"] is True and plain["acc1"] == pytest.approx(float(last["val_acc1"]), abs=1e-9)
+    assert plain["loss"] == pytest.approx(float(last["val_loss"]), rel=1e-6)  # the loss tells a flip from none
     assert averaged["weight_average"] is True
     assert averaged["acc1"] == pytest.approx(float(last["ema_val_acc1"]), abs=1e-9)
+    assert averaged["loss"] == pytest.approx(float(last["ema_val_loss"]), rel=1e-6)
     assert averaged["logged_val_acc1"] == pytest.approx(float(last["ema_val_acc1"]), abs=1e-9)
 
 
