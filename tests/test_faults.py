@@ -94,8 +94,24 @@ def test_sigkill_inside_a_checkpoint_write_then_rerun_is_bit_identical(digits_di
 
 # ---------------------------------------------------------------------------------------- stop signals
 
+def children(pid: int) -> list[int]:
+    """The processes whose parent is pid, read from /proc."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except OSError:  # the process ended while we looked
+            continue
+        if parent == pid:
+            found.append(int(entry.name))
+    return found
+
+
 def wait_for_line(log, text, proc, timeout=120):
-    """Wait until the run's output file holds `text` (the progress bar writes there at once)."""
+    """Wait until the run's output file holds `text`."""
     deadline = time.monotonic() + timeout
     while text not in log.read_text():
         assert proc.poll() is None, log.read_text()[-3000:]
@@ -103,30 +119,51 @@ def wait_for_line(log, text, proc, timeout=120):
         time.sleep(0.01)
 
 
+def start_training(out, log, digits_dir):
+    """A run in the foreground of a terminal, as far as signals go (SIGINT at its default, whatever this process
+    inherited), saving only at the end of its one epoch; returned once its loader worker has set its signals."""
+    with open(log, "w") as f:
+        run = popen_train("--data-dir", digits_dir, "--output-dir", out, *FAST, "--batch-size", 8, "--epochs", 1,
+                          "--log-every", 1000, "--checkpoint-minutes", 100, stdout=f, stderr=subprocess.STDOUT,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    wait_for_line(log, "epoch 1/1", run)
+    deadline = time.monotonic() + 60
+    while not any(ignores_sigint(pid) for pid in children(run.pid)):
+        assert run.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.01)
+    time.sleep(0.1)  # the worker sets its SIGTERM handler right after it ignores SIGINT
+    return run
+
+
+def ignores_sigint(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            ignored = int(f.read().split("SigIgn:")[1].split()[0], 16)
+    except OSError:
+        return False
+    return bool(ignored & 1 << (signal.SIGINT - 1))
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_or_a_spot_notice_to_the_whole_process_group_saves_and_exits_0(digits_dir, tmp_path, sig):
     """Ctrl-C in a terminal and a spot interruption signal every process of the run, loader workers included.
-    Saves are due only at epoch ends, so a checkpoint in the middle of the epoch is the stop's own."""
+    The one sync point is the epoch's last step, so the loop needs some 170 more batches from the workers after
+    the signal. No periodic save is due: a checkpoint at that step (epoch 1, 1,432 images into it) rather than
+    at the start of epoch 2 is the stop's own."""
     out, log = tmp_path / "run", tmp_path / "run.log"
-    with open(log, "w") as f:
-        run = popen_train("--data-dir", digits_dir, "--output-dir", out, *FAST, "--batch-size", 8, "--epochs", 1,
-                          "--log-every", 3, "--checkpoint-minutes", 100, stdout=f, stderr=subprocess.STDOUT)
-    wait_for_line(log, "epoch 1/1", run)
+    run = start_training(out, log, digits_dir)
     os.killpg(run.pid, sig)
     assert run.wait(timeout=60) == 0, log.read_text()[-3000:]
     assert f"Stopped by {sig.name}; checkpoint saved at epoch 1" in log.read_text()
     state = load_latest_checkpoint(out)
-    assert state["epoch"] == 0 and 0 < state["samples_done"] < 1437
+    assert (state["epoch"], state["samples_done"]) == (0, 1437 // 8 * 8)
 
 
 def test_a_second_ctrl_c_quits_at_once_without_saving(digits_dir, tmp_path):
     """The first Ctrl-C asks for a save at the next sync point, which here is the end of the epoch; the second
     one, sent as soon as the first is acknowledged, ends the run before it."""
     out, log = tmp_path / "run", tmp_path / "run.log"
-    with open(log, "w") as f:
-        run = popen_train("--data-dir", digits_dir, "--output-dir", out, *FAST, "--batch-size", 8, "--epochs", 1,
-                          "--log-every", 1000, "--checkpoint-minutes", 100, stdout=f, stderr=subprocess.STDOUT)
-    wait_for_line(log, "epoch 1/1", run)
+    run = start_training(out, log, digits_dir)
     os.killpg(run.pid, signal.SIGINT)
     wait_for_line(log, "SIGINT received", run)
     sent = time.monotonic()
@@ -309,18 +346,14 @@ def torchrun(*args, restarts=0):
 
 def worker_pid(launcher: subprocess.Popen, rank: int) -> int:
     """The pid of torchrun's worker process with this rank, read from /proc (children and environments)."""
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
+    for pid in children(launcher.pid):
         try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                parent = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry.name}/environ", "rb") as f:
+            with open(f"/proc/{pid}/environ", "rb") as f:
                 env = f.read().split(b"\0")
         except OSError:  # the process ended while we looked
             continue
-        if parent == launcher.pid and f"RANK={rank}".encode() in env:
-            return int(entry.name)
+        if f"RANK={rank}".encode() in env:
+            return pid
     raise AssertionError(f"no worker with rank {rank} under torchrun {launcher.pid}")
 
 
