@@ -51,6 +51,10 @@ class DataVanishedError(Exception):
     Skipping would count every image as unreadable, so this stops the run instead."""
 
 
+class FailingVolumeError(Exception):
+    """MAX_CONSECUTIVE_BAD training files in a row were unreadable: more likely a failing disk than bad files."""
+
+
 def usable_cores() -> int:
     """The CPU cores this process may run on: taskset and container CPU sets count, unlike os.cpu_count()."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -263,7 +267,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 skipped.append(f"{os.fsdecode(self.paths[i])} ({type(err).__name__}: {err})")
         if not self.train:
             return torch.zeros(self.image_size, self.image_size, 3, dtype=torch.uint8), -1, skipped
-        raise RuntimeError(f"{MAX_CONSECUTIVE_BAD} unreadable images in a row, starting at "
+        raise FailingVolumeError(f"{MAX_CONSECUTIVE_BAD} unreadable images in a row, starting at "
                            f"{os.fsdecode(self.paths[index])}; is the data volume failing?\n" + "\n".join(skipped))
 
 

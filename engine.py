@@ -308,15 +308,23 @@ class LoaderWait:
 
     def __iter__(self):
         batches = iter(self.loader)
-        while True:
-            start = time.perf_counter()
-            batch = next(batches, None)
-            self.seconds += time.perf_counter() - start
-            if not self.first_batch_seconds:
-                self.first_batch_seconds = self.seconds
-            if batch is None:
-                return
-            yield batch
+        try:
+            while True:
+                start = time.perf_counter()
+                batch = next(batches, None)
+                self.seconds += time.perf_counter() - start
+                if not self.first_batch_seconds:
+                    self.first_batch_seconds = self.seconds
+                if batch is None:
+                    return
+                yield batch
+        finally:
+            # An error raised in a worker comes back inside a reference cycle. Freed later by the cyclic GC, the
+            # iterator finds its queues already closed: its workers never hear that they should stop, and are
+            # killed after a 5 s timeout by a SIGTERM that buys them WORKER_GRACE_SECONDS. Stop them now.
+            shutdown_workers = getattr(batches, "_shutdown_workers", None)  # none without worker processes
+            if shutdown_workers:
+                shutdown_workers()
 
 
 @dataclass

@@ -40,7 +40,7 @@ from checkpoint import (
     save_checkpoint,
 )
 from config import EXIT_BAD_INPUT, EXIT_NON_FINITE, Config, UsageError, parse_args, resumed_config
-from data import DataVanishedError, make_demo_dataset
+from data import DataVanishedError, FailingVolumeError, make_demo_dataset
 from dataset_paths import DEMO_DATA_DIR, DatasetLayoutError, check_layout
 from gpu_decode import model_batch
 from recipes import WeightAverage, learning_rate, peak_lr
@@ -76,7 +76,11 @@ class StopRequest:
 
     def handle(self, signum, frame):
         if self.signal_name and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            # Die of the signal itself: a KeyboardInterrupt would unwind past the data loader, whose workers are
+            # only stopped at exit, with the SIGTERM that buys them WORKER_GRACE_SECONDS.
+            sys.stdout.flush()
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
         if signum == signal.SIGTERM and another_failed(self.rt):
             # torchrun stopping the job because another process failed: that one said why, and no save can
             # come, as the next collective would wait for the process that is gone. Die of the signal, as
@@ -609,7 +613,7 @@ def run_training(cfg: Config, classes: list[str], explicit: set[str], rt: Runtim
 
 def exit_status(err: Exception) -> int:
     """1 for a bug, which gets its traceback; the others get one paragraph."""
-    if isinstance(err, DatasetLayoutError | UsageError | CheckpointError | DataVanishedError):
+    if isinstance(err, DatasetLayoutError | UsageError | CheckpointError | DataVanishedError | FailingVolumeError):
         return EXIT_BAD_INPUT
     return EXIT_NON_FINITE if isinstance(err, NonFiniteLoss) else 1
 
@@ -624,6 +628,11 @@ def report(err: Exception, cfg: Config) -> int:
         tqdm.write(f"error: the training data in {cfg.data_dir} disappeared during training (a class folder is "
                    f"gone: moved, deleted or unmounted). The checkpoints in {cfg.output_dir} are intact: restore "
                    f"or remount the data and rerun the same command to continue from them.", file=sys.stderr)
+    elif isinstance(err, FailingVolumeError):
+        # Re-raised from a loader worker, the message follows that worker's traceback.
+        files = str(err).rsplit(f"{FailingVolumeError.__name__}: ", 1)[-1]
+        tqdm.write(f"error: {files}\nThe checkpoints in {cfg.output_dir} are intact: check the data volume, then "
+                   f"rerun the same command to continue from them.", file=sys.stderr)
     else:
         tqdm.write(f"error: {err}", file=sys.stdout if status == EXIT_NON_FINITE else sys.stderr)
     return status

@@ -3,6 +3,7 @@
 import io
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -38,13 +39,63 @@ def odd_digits_dir(digits_dir, tmp_path_factory) -> Path:
     return root
 
 
+# ---------------------------------------------------------------------------------------------------- jobs
+# A run is a process group: train.py and its loader workers, or torchrun and its ranks. Each job the tests start
+# gets a group of its own, and the whole group is killed when the test is over or a wait for it times out, so a
+# hung or failed test leaves no spinning ranks or workers behind.
+
+_jobs: list[subprocess.Popen] = []
+
+
+def start_job(cmd: list[str], **kwargs) -> subprocess.Popen:
+    """subprocess.Popen in a new process group (the session's), killed as a whole when the test ends."""
+    kwargs.setdefault("env", {**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(cmd, start_new_session=True, **kwargs)
+    _jobs.append(proc)
+    return proc
+
+
+def kill_job(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # the group has ended: its leader and every worker
+        pass
+    proc.communicate()
+
+
+def run_job(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run(capture_output=True, text=True) for a job: on a timeout its whole group is killed."""
+    proc = start_job(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_job(proc)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+@pytest.fixture(autouse=True)
+def _kill_jobs_left_running():
+    yield
+    while _jobs:
+        kill_job(_jobs.pop())  # also the loader workers a run killed on purpose left behind
+
+
 def train_cmd(*args) -> list[str]:
     return [sys.executable, str(REPO / "train.py"), *map(str, args)]
 
 
 def run_train(*args, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(train_cmd(*args), capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
+    return run_job(train_cmd(*args), timeout, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def one_epoch(digits_dir, tmp_path_factory) -> Path:
+    """A run folder holding a finished first epoch (FAST settings), copied by each test that continues it."""
+    out = tmp_path_factory.mktemp("one_epoch")
+    result = run_train("--data-dir", digits_dir, "--output-dir", out, *FAST, "--epochs", 1)
+    assert result.returncode == 0, result.stderr
+    return out
 
 
 def add_odd_images(folder):

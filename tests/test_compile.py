@@ -117,7 +117,7 @@ def test_two_compiled_processes_split_the_graph_stop_on_sigterm_mid_epoch_and_re
     args = ["--data-dir", few_digits_dir, "--output-dir", out, *FAST, "--workers", 0, "--arch", "resnet26_narrow",
             "--batch-size", 16, "--epochs", 2, "--checkpoint-minutes", 0.0001, "--log-every", 1, "--compile",
             "--compile-backend", "aot_eager", "--no-tensorboard"]
-    job = popen_torchrun(*args, start_new_session=True)
+    job = popen_torchrun(*args)
     try:
         wait_for_new_checkpoint(out, job, None)  # after the first step, which compiled
         for rank in (0, 1):

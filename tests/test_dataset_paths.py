@@ -1,6 +1,7 @@
 """Where a run lives by default: on the data's volume when that is a mount other than the root filesystem."""
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -59,11 +60,27 @@ def test_a_volume_in_memory_keeps_the_run_beside_the_code(tmp_path, mounts, monk
     assert default_output_dir(shm / "imagenet", tmp_path / "code") == tmp_path / "code" / "runs" / "resnet50"
 
 
-def test_the_filesystem_type_comes_from_the_mount_table():
+def test_the_filesystem_type_comes_from_the_mount_table(tmp_path):
     if not os.path.exists("/proc/self/mounts"):
         pytest.skip("no /proc/self/mounts (not Linux)")
-    assert dataset_paths.filesystem_type(Path("/")) is not None
+    assert dataset_paths.filesystem_type(Path("/proc")) == "proc"
     assert dataset_paths.filesystem_type(Path("/no/such/mount")) is None
+    # A tmpfs whose device is named like a volume, then a ramfs mounted over it: the type of the one on top.
+    target = tmp_path / "volume"
+    target.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "data-volume", str(target)], capture_output=True,
+                          text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount here: {done.stderr.strip()}")
+    try:
+        assert dataset_paths.filesystem_type(target) == "tmpfs"
+        subprocess.run(["mount", "-t", "ramfs", "ramfs", str(target)], check=True)
+        try:
+            assert dataset_paths.filesystem_type(target) == "ramfs"
+        finally:
+            subprocess.run(["umount", str(target)], check=True)
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=True)
 
 
 @pytest.mark.parametrize("name", ["checkpoint.pth", "checkpoint_prev.pth"])

@@ -2,12 +2,11 @@
 
 import csv
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import FAST, REPO, run_train
+from conftest import FAST, REPO, run_job, run_train
 
 from checkpoint import LATEST
 from recipes import learning_rate
@@ -16,8 +15,7 @@ from recipes import learning_rate
 def torchrun(*args, nproc=2, timeout=300, env=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(REPO / "train.py"), *map(str, args)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    return run_job(cmd, timeout, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
 
 def read_metrics(out):

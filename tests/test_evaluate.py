@@ -8,10 +8,13 @@ import subprocess
 import sys
 
 import pytest
-from inference_fixtures import DIGITS, ROOT, demo_checkpoint  # noqa: F401  (a fixture)
+import torch
+from conftest import run_job
+from inference_fixtures import DIGITS, ROOT, checkpoint_logits, demo_checkpoint, direct_scores  # noqa: F401
 
 import evaluate
 from checkpoint import read_checkpoint
+from engine import evaluate_models
 
 
 def run_main(capsys, *argv: str) -> tuple[int, str, str]:
@@ -36,6 +39,66 @@ def test_reproduces_logged_val_acc1(demo_checkpoint, capsys):  # noqa: F811
     assert result["logged_val_acc1"] == history["val_acc1"]
 
 
+# ---------------------------------------------------------------------------------------- scores, computed directly
+
+class LookUp(torch.nn.Module):
+    """A 'network' whose logits are given: image i holds (i, its mirror's row) along its width, so flipping it
+    horizontally reads the mirror's row of the table."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = torch.tensor(table)
+
+    def forward(self, x):
+        return self.table[x[:, 0, 0, 0].long()]
+
+
+class AsIs:
+    device = torch.device("cpu")
+
+    def __call__(self, images):
+        return images
+
+
+def test_top5_loss_and_flip_averaging_on_known_logits():
+    # Seven classes. Image 0's label ranks 5th (in top-5, not in top-4), image 1's 6th, image 2's 1st, image 3's
+    # 2nd; image 4 is unreadable (label -1) and counts nowhere. Mirrors (rows 5-9) move image 1's label to the top.
+    originals = [[9, 8, 7, 6, 5, 4, 0], [9, 8, 7, 6, 5, 0, 4], [0, 5, 1, 2, 3, 4, 1], [1, 6, 5, 0, 0, 0, 0],
+                 [0, 0, 0, 0, 0, 0, 0]]
+    mirrors = [[9, 8, 7, 6, 5, 4.5, 0], [0, 0, 0, 0, 0, 30, 0], [5, 0, 0, 0, 0, 0, 0], [1, 2, 3, 4, 5, 6, 7],
+               [0, 0, 0, 0, 0, 0, 0]]
+    labels = [4, 5, 1, 2, -1]
+    model = LookUp([[v + 0.01 * k for k, v in enumerate(row)] for row in originals + mirrors])  # no ties
+    table = model.table.tolist()
+    images = torch.tensor([[[[i, i + 5]]] for i in range(5)], dtype=torch.float32)  # N, C, H, W = 5, 1, 1, 2
+    batches = [(images[:3], torch.tensor(labels[:3]), []), (images[3:], torch.tensor(labels[3:]), ["unreadable"])]
+    good = [i for i, y in enumerate(labels) if y >= 0]
+    for flip in (False, True):
+        rows = [[(a + b) / 2 for a, b in zip(table[i], table[i + 5], strict=True)] if flip else table[i] for i in good]
+        expected = direct_scores(rows, [labels[i] for i in good])
+        [result] = evaluate_models([model], batches, AsIs(), None, flip=flip)
+        assert result.pop("val_skipped") == 1
+        assert result == pytest.approx(expected, rel=1e-6), flip
+    assert direct_scores([table[i] for i in good], [labels[i] for i in good])["val_acc5"] == 75.0
+
+
+def test_evaluate_py_scores_and_flip_averaging_against_a_direct_computation(demo_checkpoint, capsys):  # noqa: F811
+    logits, mirrored, labels = checkpoint_logits(demo_checkpoint)
+    results = {}
+    for flip in (False, True):
+        code, out, err = run_main(capsys, "--checkpoint", demo_checkpoint, "--data-dir", DIGITS, "--json",
+                                  "--workers", 0, "--tta-flip" if flip else "--no-tta-flip")
+        assert code == 0, err
+        result = json.loads(out)
+        expected = direct_scores((logits + mirrored) / 2 if flip else logits, labels)
+        assert result["tta_flip"] is flip and result["images"] == expected["val_images"] == 360
+        assert result["acc1"] == pytest.approx(expected["val_acc1"], abs=1e-9)
+        assert result["acc5"] == pytest.approx(expected["val_acc5"], abs=1e-9)
+        assert result["loss"] == pytest.approx(expected["val_loss"], rel=1e-5)
+        results[flip] = result
+    assert results[True]["loss"] != pytest.approx(results[False]["loss"], rel=1e-3)  # the flip changes the scores
+
+
 def test_tta_flip_and_image_size(demo_checkpoint, capsys):  # noqa: F811
     code, out, _ = run_main(capsys, "--checkpoint", demo_checkpoint, "--data-dir", DIGITS, "--json", "--workers", 0,
                             "--tta-flip", "--image-size", 40, "--batch-size", 128)
@@ -58,10 +121,9 @@ def test_several_processes_count_every_image_once(demo_checkpoint):  # noqa: F81
     # Three CPU processes under torchrun (gloo): 360 images split 120 each, with a batch size that leaves
     # partial batches, and the totals still equal the single-process ones.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
-                           "evaluate.py", "--checkpoint", str(demo_checkpoint), "--data-dir", str(DIGITS), "--json",
-                           "--workers", "0", "--batch-size", "50"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=180, env=env)
+    proc = run_job([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
+                    "evaluate.py", "--checkpoint", str(demo_checkpoint), "--data-dir", str(DIGITS), "--json",
+                    "--workers", "0", "--batch-size", "50"], 180, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(results) == 1, proc.stdout  # only rank 0 prints

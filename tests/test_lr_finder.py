@@ -128,7 +128,10 @@ def test_sweep_on_digits_writes_curve_json_and_plots(tmp_path):
     result = json.loads((out / "lr_finder.json").read_text())
     assert len(result["loss"]) >= 20 and all(x is not None and math.isfinite(x) for x in result["smoothed"][:-1])
     assert result["suggested_lr"] is not None, result["warnings"]
-    assert 0.03 <= result["suggested_lr"] <= 10 and 0.03 <= result["steepest_lr"] <= 10
+    # This network and batch train well at a peak LR of 0.2 (conftest's FAST settings: over 50% val top-1 in 4
+    # epochs). A usable reading lies within a factor of 4 of that, not anywhere in the swept 0.03-10; measured
+    # here: suggested 0.090 (the lowest loss, at 0.90, divided by 10), steepest descent at 0.40.
+    assert 0.05 <= result["suggested_lr"] <= 0.8 and 0.05 <= result["steepest_lr"] <= 0.8
     assert f"--lr {result['suggested_lr']:.3g}" in done.stdout
     rows = (out / "lr_finder.csv").read_text().splitlines()
     assert rows[0] == "lr,loss,smoothed" and len(rows) == len(result["loss"]) + 1

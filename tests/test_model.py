@@ -39,8 +39,17 @@ def test_same_outputs_as_torchvision_with_the_same_weights_both_ways():
         getattr(theirs, mode)()
         with torch.no_grad():
             assert torch.allclose(ours(x), theirs(x), atol=1e-5, rtol=1e-4)
+    # The other way: weights of our own initialization, with live residual branches and BN statistics, in theirs.
+    mine = resnet50()
+    for m in mine.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
     back = torchvision.models.resnet50()
-    back.load_state_dict(ours.state_dict())
+    back.load_state_dict(mine.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(back.eval()(x), mine.eval()(x), atol=1e-5, rtol=1e-4)
 
 
 def test_small_variants_run_and_are_small():

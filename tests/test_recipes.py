@@ -78,6 +78,27 @@ def test_recipe_presets_then_demo_then_explicit_flags():
     assert parse_config(["--instance-type", "g5.xlarge", "--usd-per-hour", "0.4"]).usd_per_hour == 0.4
 
 
+def test_the_fast_recipes_label_smoothing_is_in_the_loss_a_step_minimizes():
+    """The loss train_step returns (and backpropagates) against cross-entropy with smoothed targets, written
+    out: (1 - eps) on the label plus eps spread evenly over all K classes."""
+    from engine import build_model, build_training, train_step
+    from runtime import Runtime
+
+    cfg = parse_config(["--recipe", "fast", "--arch", "resnet14_tiny", "--device", "cpu"])
+    eps, classes = cfg.label_smoothing, 10
+    assert eps == 0.1
+    training = build_training(build_model(cfg, classes), cfg, Runtime())
+    x, labels = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.arange(16) % classes
+    loss, logits = train_step(training, x, labels, lr=0.0, step=0)
+    log_p = logits.double().log_softmax(dim=1)
+    targets = torch.full((16, classes), eps / classes, dtype=torch.float64)
+    targets[torch.arange(16), labels] += 1 - eps
+    smoothed = -(targets * log_p).sum(dim=1).mean()
+    plain = -log_p[torch.arange(16), labels].mean()
+    assert loss.item() == pytest.approx(smoothed.item(), rel=1e-5)
+    assert loss.item() != pytest.approx(plain.item(), rel=1e-3)  # near-uniform logits still tell the two apart
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--warmup-epochs", "50"], "--warmup-epochs"),
     (["--ema-decay", "1"], "--ema-decay"),

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import FAST, REPO, run_train, train_cmd
+from conftest import FAST, REPO, run_train, start_job, train_cmd
 
 from checkpoint import LATEST, load_latest_checkpoint
 
@@ -75,8 +75,8 @@ def test_sigkill_at_random_moments_then_rerun_is_bit_identical(digits_dir, tmp_p
     rng = random.Random(1)
     positions, mtime = [], None
     for _ in range(4):
-        proc = subprocess.Popen(train_cmd("--data-dir", digits_dir, "--output-dir", out, *ARGS),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = start_job(train_cmd("--data-dir", digits_dir, "--output-dir", out, *ARGS),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         mtime = wait_for_new_checkpoint(out, proc, mtime)
         time.sleep(rng.uniform(0, 0.4))
         proc.send_signal(signal.SIGKILL)
@@ -92,8 +92,8 @@ def test_sigkill_at_random_moments_then_rerun_is_bit_identical(digits_dir, tmp_p
 
 def test_sigterm_saves_and_exits_0_quickly_then_the_rerun_continues(digits_dir, tmp_path, uninterrupted):
     out = tmp_path / "terminated"
-    proc = subprocess.Popen(train_cmd("--data-dir", digits_dir, "--output-dir", out, *ARGS),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_job(train_cmd("--data-dir", digits_dir, "--output-dir", out, *ARGS),
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_new_checkpoint(out, proc, None)
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
@@ -126,8 +126,10 @@ def test_evaluate_py_reproduces_the_logged_scores_of_the_model_and_of_its_weight
 
     plain, averaged = evaluate(), evaluate("--ema")
     assert plain["tta_flip"] is True and plain["acc1"] == pytest.approx(float(last["val_acc1"]), abs=1e-9)
+    assert plain["loss"] == pytest.approx(float(last["val_loss"]), rel=1e-6)  # the loss tells a flip from none
     assert averaged["weight_average"] is True
     assert averaged["acc1"] == pytest.approx(float(last["ema_val_acc1"]), abs=1e-9)
+    assert averaged["loss"] == pytest.approx(float(last["ema_val_loss"]), rel=1e-6)
     assert averaged["logged_val_acc1"] == pytest.approx(float(last["ema_val_acc1"]), abs=1e-9)
 
 
@@ -138,7 +140,7 @@ def test_live_curves_survive_a_kill_with_one_strictly_increasing_step_axis(digit
 
     out = tmp_path / "run"
     args = ["--data-dir", digits_dir, "--output-dir", out, *FAST, "--epochs", 2, "--log-every", 3]
-    run = subprocess.Popen(train_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = start_job(train_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_new_checkpoint(out, run, None)  # the end of epoch 1
     events = out / "tensorboard"
     written = sum(f.stat().st_size for f in events.iterdir())
