@@ -8,16 +8,19 @@ import argparse
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from dataset_paths import DEFAULT_DATA_DIR, DEFAULT_OUTPUT_DIR, DEMO_DATA_DIR, DEMO_OUTPUT_DIR, default_output_dir
+from dataset_paths import (  # UsageError lives there so that the loader (data.py) can raise it without this module
+    DEFAULT_DATA_DIR,
+    DEFAULT_OUTPUT_DIR,
+    DEMO_DATA_DIR,
+    DEMO_OUTPUT_DIR,
+    UsageError,
+    default_output_dir,
+)
 from model import ARCHITECTURES, MIN_IMAGE_SIZE
 from recipes import INSTANCE_PRICES, LAYERWISE_OPTIMIZERS, OPTIMIZER_DEFAULTS, RECIPES, SCHEDULES
 
 EXIT_BAD_INPUT = 2  # the user can fix it: a data layout, a flag, a checkpoint
 EXIT_NON_FINITE = 3  # training diverged; the last good checkpoint is kept
-
-
-class UsageError(Exception):
-    """Something the user can fix; printed as one paragraph and exit code 2."""
 
 
 def setting(default, help, **argparse_kwargs):

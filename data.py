@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from config import UsageError
-from dataset_paths import is_image
+from dataset_paths import UsageError, is_image
 
 try:
     import simplejpeg

@@ -71,6 +71,10 @@ DEMO_OUTPUT_DIR = REPO_DIR / "runs" / "demo"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
+class UsageError(Exception):
+    """Something the user can fix; printed as one paragraph and exit code 2."""
+
+
 class DatasetLayoutError(Exception):
     """The data folder cannot be trained on; the message says what to do about it."""
 

@@ -260,7 +260,7 @@ def test_a_run_saved_without_loss_scaling_resumes_where_fp16_scales_the_loss(dig
 
     def new_run():
         return Run(cfg, [f"digit_{i}" for i in range(10)], rt, build_training(build_model(cfg, 10), cfg, rt),
-                   build_data(cfg, [f"digit_{i}" for i in range(10)], rt, 0, with_val=False), StopRequest())
+                   build_data(cfg, [f"digit_{i}" for i in range(10)], rt, 0, with_val=False), StopRequest(rt))
 
     saved = checkpoint_state(new_run(), torch.zeros(5, dtype=torch.float64), 0.0)
     assert saved["grad_scaler"] == {}
