@@ -82,7 +82,7 @@ def check_input(args: argparse.Namespace) -> Path:
     if not 0 < args.ratio < 1:
         raise UsageError(f"--ratio {args.ratio} is outside (0, 1): it is the fraction of the parameters to remove, "
                          f"e.g. 0.5 for about half.")
-    if path.is_file() and file_kind(path) != "checkpoint":
+    if path.is_file() and file_kind(path) in ("onnx", "safetensors"):
         raise UsageError(f"{path} is not a train.py checkpoint; prune.py needs the checkpoint.pth of a training "
                          f"run (an exported .onnx or .safetensors model cannot be fine-tuned afterwards).")
     return path
