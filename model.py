@@ -3,6 +3,8 @@
 The parameter and buffer names and shapes match torchvision.models.resnet50, so a state_dict moves between
 the two in either direction. v1.5 means the stride-2 of a downsampling bottleneck sits on the 3x3
 convolution, not the first 1x1 (about +0.5% top-1 over v1 for a little more compute).
+A channel-pruned network (prune.py) keeps the names with fewer channels; narrowed_to rebuilds it from
+its state_dict.
 """
 
 import torch
