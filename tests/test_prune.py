@@ -48,6 +48,11 @@ def test_half_the_parameters_in_a_weights_only_file_that_computes_the_pruned_net
     with torch.no_grad():
         assert (loaded(x) - in_memory(x)).abs().max().item() <= PARITY_BOUND
 
+    # The Space's weights file (export.py space) describes the narrower network as well.
+    export.save_weights(load_classifier(path), tmp_path / "model.safetensors", fp16=False)
+    with torch.no_grad():
+        assert (load_classifier(tmp_path / "model.safetensors").model(x) - loaded(x)).abs().max().item() == 0
+
 
 def test_fine_tuning_recovers_and_every_tool_takes_the_result(demo_checkpoint, tmp_path, capsys):  # noqa: F811
     path = tmp_path / "pruned.pth"
