@@ -56,17 +56,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def count_macs_and_params(model: torch.nn.Module, image_size: int) -> tuple[int, int]:
-    import torch_pruning as tp
+def torch_pruning():
+    """The Torch-Pruning package; requirements.txt installs it, but only this script needs it, so an install
+    without it trains and serves models and refuses here in one line."""
+    try:
+        import torch_pruning
+    except ImportError as err:
+        raise UsageError(f"prune.py needs Torch-Pruning, which cannot be imported here ({err}). Install it with "
+                         f"`pip install 'torch-pruning>=1.5,<2'` (requirements.txt lists it).") from err
+    return torch_pruning
 
-    macs, params = tp.utils.count_ops_and_params(model, torch.zeros(1, 3, image_size, image_size))
+
+def count_macs_and_params(model: torch.nn.Module, image_size: int) -> tuple[int, int]:
+    macs, params = torch_pruning().utils.count_ops_and_params(model, torch.zeros(1, 3, image_size, image_size))
     return int(macs), int(params)
 
 
 def prune_model(model: torch.nn.Module, ratio: float, image_size: int) -> torch.nn.Module:
     """model, pruned in place to about 1 - ratio of its parameters, in eval mode."""
-    import torch_pruning as tp
-
+    tp = torch_pruning()
     pruner = tp.pruner.MetaPruner(
         model.eval(), torch.zeros(1, 3, image_size, image_size),
         importance=tp.importance.GroupMagnitudeImportance(p=2),
@@ -90,6 +98,7 @@ def check_input(args: argparse.Namespace) -> Path:
 
 def prune_checkpoint(args: argparse.Namespace) -> dict:
     path = check_input(args)
+    torch_pruning()  # before any work
     clf = load_classifier(path)
     source = torch.load(path, map_location="cpu", weights_only=True)
     image_size = max(clf.image_size, MIN_IMAGE_SIZE)

@@ -94,3 +94,10 @@ def test_bad_input_is_refused_in_one_paragraph(
     assert code == 2 and not out and not (tmp_path / "p.pth").exists()
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+
+
+def test_without_torch_pruning_it_says_what_to_install(demo_checkpoint, tmp_path, capsys, monkeypatch):  # noqa: F811
+    monkeypatch.setitem(sys.modules, "torch_pruning", None)  # import raises ImportError
+    code, out, err = run(capsys, prune, "--checkpoint", demo_checkpoint, "--ratio", "0.5", "--output", tmp_path / "p")
+    assert code == 2 and not out and not (tmp_path / "p").exists()
+    assert err.count("\n") == 1 and "pip install 'torch-pruning>=1.5,<2'" in err, err
