@@ -118,7 +118,8 @@ class Config:
     # Where the run's weights came from; a rerun of the same command resumes the run, never re-initializes it.
     init_from: str = setting("", "start a new run from the weights of this train.py checkpoint, with a fresh "
                                  "optimizer, schedule and epoch count (fine-tuning; or another --optimizer for a "
-                                 "trained network); the network and the number of classes must match")
+                                 "trained network); the network and the number of classes must match; a prune.py "
+                                 "file fine-tunes its narrower network")
     no_resume: bool = setting(False, "start a new run; an existing one in --output-dir is moved to a subfolder")
     demo: bool = setting(False, "train on the bundled digits dataset (small network, 32 px) instead of ImageNet")
 

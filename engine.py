@@ -29,7 +29,7 @@ from data import (
     usable_cores,
 )
 from gpu_decode import DeviceBatchDecoder, EncodedImageFolderDataset, collate_encoded, model_batch
-from model import ARCHITECTURES
+from model import ARCHITECTURES, narrowed_to
 from recipes import LAYERWISE_OPTIMIZERS, WeightAverage, parameter_groups
 from runtime import AMP_DTYPES, Runtime, all_reduce, log, resolve_precision
 
@@ -80,10 +80,12 @@ class Training:
     amp_dtype: torch.dtype | None  # autocast's dtype; None runs in fp32
 
 
-def build_model(cfg: Config, num_classes: int) -> torch.nn.Module:
-    """Seeded first, so the initial weights are a function of --seed alone."""
+def build_model(cfg: Config, num_classes: int, pruned_weights: dict | None = None) -> torch.nn.Module:
+    """Seeded first, so the initial weights are a function of --seed alone. pruned_weights: the state_dict of a
+    channel-pruned network (prune.py), whose layer widths the model takes."""
     torch.manual_seed(cfg.seed)
-    return ARCHITECTURES[cfg.arch](num_classes=num_classes)
+    model = ARCHITECTURES[cfg.arch](num_classes=num_classes)
+    return narrowed_to(model, pruned_weights) if pruned_weights is not None else model
 
 
 def timm_optimizers(name: str):

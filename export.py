@@ -346,6 +346,8 @@ def save_weights(clf: Classifier, path: Path, fp16: bool) -> None:
     meta = {"format": "pt", "arch": clf.arch, "class_names": json.dumps(clf.class_names),
             "image_size": str(clf.image_size), "precision": "fp16" if fp16 else "fp32",
             "source_checkpoint": clf.source.name, "input": INPUT}
+    if clf.pruned is not None:  # the loader rebuilds the narrower network from the tensor shapes
+        meta["pruned"] = json.dumps(clf.pruned)
     save_file(tensors, str(path), metadata=meta)
 
 
@@ -371,7 +373,7 @@ def space_readme(clf: Classifier, gradio_version: str, fp16: bool) -> str:
               "- `class_names.json`: the class folders the model was trained on, in label order.",
               f"- Input: the image resized to {clf.image_size} / 0.875 on its short side, centre-cropped to "
               f"{clf.image_size} x {clf.image_size}, normalized with the ImageNet mean and std.", ""]
-    if clf.arch == "resnet50":
+    if clf.arch == "resnet50" and clf.pruned is None:  # a pruned one has narrower layers than torchvision's
         lines += ["The weights load into torchvision's and timm's ResNet-50 as they are:", "", "```python",
                   "from safetensors.torch import load_file", "import torchvision", "",
                   f"model = torchvision.models.resnet50(num_classes={classes})",

@@ -20,7 +20,7 @@ from PIL import Image, ImageCms, ImageOps
 
 from checkpoint import read_checkpoint
 from data import BAD_IMAGE_ERRORS, Normalizer, center_crop_box, decode_region
-from model import ARCHITECTURES
+from model import ARCHITECTURES, narrowed_to
 
 EXIT_BAD_INPUT = 2  # as in train.py: the user can fix it (a path, a file, a flag)
 WNID = re.compile(r"n\d{8}")
@@ -69,6 +69,7 @@ class Classifier:
     history: list[dict] = field(default_factory=list)  # train.py's per-epoch metrics; empty for exported models
     epoch_finished: bool = False  # the weights are those of the end of an epoch, so history[-1] describes them
     onnx: bool = False
+    pruned: dict | None = None  # prune.py's record for a channel-pruned network (and runs fine-tuned from one)
 
     @property
     def device(self) -> torch.device:
@@ -155,22 +156,29 @@ def load_classifier(path: str | os.PathLike, weight_average: bool = False) -> Cl
     if weight_average and not state.get("ema"):
         raise InferenceError(f"{path} holds no weight average: the run was trained without --ema-decay.")
     arch, class_names = state["config"].get("arch"), state["class_names"]
-    model = build_model(path, arch, class_names, state["ema" if weight_average else "model"])
+    pruned = state.get("pruned")
+    model = build_model(path, arch, class_names, state["ema" if weight_average else "model"], pruned is not None)
     return Classifier(model, list(class_names), display_labels(class_names),
                       # the size train.py validated at, which is what the weights are scored for
                       int(state["config"].get("eval_image_size") or state["config"]["image_size"]),
-                      arch, path, dict(state["config"]), list(state.get("history", [])), state["samples_done"] == 0)
+                      arch, path, dict(state["config"]), list(state.get("history", [])), state["samples_done"] == 0,
+                      pruned=pruned)
 
 
-def build_model(path: Path, arch: str | None, class_names: list[str], weights: dict) -> torch.nn.Module:
+def build_model(path: Path, arch: str | None, class_names: list[str], weights: dict,
+                pruned: bool = False) -> torch.nn.Module:
     """The network with every parameter and buffer taken from weights (strict: none keeps its random initial
-    value), in eval mode. Half-precision weights are widened to the model's float32 as they are copied."""
+    value), in eval mode. Half-precision weights are widened to the model's float32 as they are copied.
+    pruned: the file says prune.py narrowed the network, so its layers take their widths from the weights; any
+    other file must fit the architecture's own shapes."""
     if arch not in ARCHITECTURES:
         raise InferenceError(f"{path} holds an unknown architecture {arch!r}; this code knows {list(ARCHITECTURES)}.")
     model = ARCHITECTURES[arch](num_classes=len(class_names))
     try:
+        if pruned:
+            narrowed_to(model, weights)
         model.load_state_dict(weights, strict=True)
-    except RuntimeError as err:
+    except (RuntimeError, KeyError) as err:
         raise InferenceError(f"The weights in {path} do not fit a {arch} with {len(class_names)} classes: "
                              f"{str(err)[:300]}") from err
     return model.eval()
@@ -199,8 +207,9 @@ def load_safetensors(path: Path) -> Classifier:
         raise InferenceError(f"{path} lacks the class names, image size and architecture that export.py space "
                              f"stores in its metadata ({type(err).__name__}: {err}); write it with "
                              f"`python export.py space`.") from err
-    return Classifier(build_model(path, arch, class_names, weights), class_names, display_labels(class_names),
-                      image_size, arch, path)
+    pruned = json.loads(meta["pruned"]) if "pruned" in meta else None
+    return Classifier(build_model(path, arch, class_names, weights, pruned is not None), class_names,
+                      display_labels(class_names), image_size, arch, path, pruned=pruned)
 
 
 class OnnxModule(torch.nn.Module):

@@ -3,6 +3,8 @@
 The parameter and buffer names and shapes match torchvision.models.resnet50, so a state_dict moves between
 the two in either direction. v1.5 means the stride-2 of a downsampling bottleneck sits on the 3x3
 convolution, not the first 1x1 (about +0.5% top-1 over v1 for a little more compute).
+A channel-pruned network (prune.py) keeps the names with fewer channels; narrowed_to rebuilds it from
+its state_dict.
 """
 
 import torch
@@ -96,3 +98,27 @@ def resnet14_tiny(num_classes: int = 1000, zero_init_residual: bool = True) -> R
 MIN_IMAGE_SIZE = 32
 
 ARCHITECTURES = {"resnet50": resnet50, "resnet26_narrow": resnet26_narrow, "resnet14_tiny": resnet14_tiny}
+
+
+def narrowed_to(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
+    """model with each convolution, BatchNorm and the classifier's input resized to the shapes in weights: how a
+    channel-pruned network (prune.py) is rebuilt from its state_dict alone, so that its file holds tensors and
+    no pickled module. Kernel sizes, strides and the layer structure stay the architecture's; the classifier keeps
+    its outputs (one per class). The new layers are freshly initialised: load weights into them next."""
+    for name, module in list(model.named_modules()):
+        parent_name, _, attribute = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        if isinstance(module, nn.Conv2d):
+            out_channels, in_channels = weights[f"{name}.weight"].shape[:2]
+            if (out_channels, in_channels) != (module.out_channels, module.in_channels):
+                setattr(parent, attribute, nn.Conv2d(in_channels, out_channels, module.kernel_size, module.stride,
+                                                     module.padding, bias=module.bias is not None))
+        elif isinstance(module, nn.BatchNorm2d):
+            features = weights[f"{name}.weight"].shape[0]
+            if features != module.num_features:
+                setattr(parent, attribute, nn.BatchNorm2d(features))
+        elif isinstance(module, nn.Linear):
+            in_features = weights[f"{name}.weight"].shape[1]
+            if in_features != module.in_features:
+                setattr(parent, attribute, nn.Linear(in_features, module.out_features))
+    return model

@@ -138,6 +138,7 @@ class Run:
     compiled_shapes: set[torch.Size] = field(default_factory=set)
     board: outputs.TrainingBoard | None = None  # live curves, written by rank 0
     sync_check: "SyncCheck | None" = None  # --sync-check-steps
+    pruned: dict | None = None  # prune.py's record when the network is a pruned one: every checkpoint carries it on
 
     @property
     def out(self) -> Path:
@@ -181,6 +182,8 @@ def checkpoint_state(run: Run, epoch_sums: torch.Tensor, seconds: float) -> dict
         "class_names": run.classes,
         "world_size": run.rt.world_size,
         "torch_version": str(torch.__version__),  # TorchVersion would not load with weights_only
+        # Present for a channel-pruned network: loaders then take the layer widths from the weights' shapes.
+        **({"pruned": run.pruned} if run.pruned is not None else {}),
     }
 
 
@@ -510,8 +513,9 @@ def prepare(cfg: Config) -> list[str]:
 
 
 def init_weights(cfg: Config, classes: list[str]) -> dict:
-    """--init-from's weights, once they are known to fit: a readable train.py checkpoint of the same network
-    for as many classes. Only the weights are taken; optimizer, schedule and epochs start afresh."""
+    """--init-from's checkpoint, once it is known to fit: a readable train.py (or prune.py) checkpoint of the
+    same network for as many classes. Only its weights are used (and, for a pruned network, their shapes);
+    optimizer, schedule and epochs start afresh."""
     path = Path(cfg.init_from)
     if not path.is_file():
         raise UsageError(f"--init-from {path}: there is no such file. Pass the checkpoint.pth of a train.py run "
@@ -532,7 +536,7 @@ def init_weights(cfg: Config, classes: list[str]) -> dict:
     if their_classes != classes:
         log(f"--init-from {path} was trained on other class names; its outputs are kept in order and trained "
             f"on as this dataset's {len(classes)} classes.")
-    return state["model"]
+    return state
 
 
 def read_run(cfg: Config, rt: Runtime):
@@ -573,9 +577,14 @@ def run_training(cfg: Config, classes: list[str], explicit: set[str], rt: Runtim
     log(outputs.where_the_run_lives(Path(cfg.output_dir).resolve()))
     if state is not None:
         cfg = resumed_config(cfg, state["config"], explicit)
+    init = init_weights(cfg, classes) if state is None and cfg.init_from else None
+    # The network's shapes come from the weights it continues from: a pruned one is narrower than cfg.arch.
+    origin = state if state is not None else init
+    pruned = origin.get("pruned") if origin is not None else None
+    model = engine.build_model(cfg, len(classes), origin["model"] if pruned is not None else None)
     workers = engine.split_cores(cfg.workers, rt, cfg.threads)
-    run = Run(cfg, classes, rt, engine.build_training(engine.build_model(cfg, len(classes)), cfg, rt),
-              engine.build_data(cfg, classes, rt, workers), StopRequest(rt))
+    run = Run(cfg, classes, rt, engine.build_training(model, cfg, rt), engine.build_data(cfg, classes, rt, workers),
+              StopRequest(rt), pruned=pruned)
     step_seconds = 0.0
     if not cfg.threads:
         threads, reason, step_seconds = engine.measure_threads(run.training, run.data, rt, workers)
@@ -583,8 +592,8 @@ def run_training(cfg: Config, classes: list[str], explicit: set[str], rt: Runtim
             cfg.threads = threads
             engine.split_cores(cfg.workers, rt, threads)
             log(f"Compute threads: {threads} ({reason}); kept for this run, --threads N overrides.")
-    if state is None and cfg.init_from:
-        run.training.raw_model.load_state_dict(init_weights(cfg, classes))
+    if init is not None:
+        run.training.raw_model.load_state_dict(init["model"])
         if run.training.ema:
             run.training.ema = WeightAverage(run.training.raw_model, cfg.ema_decay)
         log(f"Starting a new run from the weights in {cfg.init_from}: fresh {cfg.optimizer} optimizer, schedule and "
