@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import FAST, REPO, run_train, start_job, train_cmd
+from conftest import FAST, REPO, kill_job, run_train, start_job, train_cmd
 
 from checkpoint import LATEST, load_latest_checkpoint
 
@@ -149,7 +149,10 @@ def test_live_curves_survive_a_kill_with_one_strictly_increasing_step_axis(digit
         assert run.poll() is None and time.monotonic() < deadline
         time.sleep(0.02)
     run.kill()
-    run.communicate()
+    run.wait()
+    # Its loader worker notices the parent's death within seconds, but holds the output pipes until then; a
+    # worker forked in the instant of the kill was once seen never to notice (it saw init as its parent).
+    kill_job(run)
     assert load_latest_checkpoint(out)["epoch"] == 1
     rerun = run_train(*args)
     assert rerun.returncode == 0 and "Resuming" in rerun.stdout, rerun.stderr
