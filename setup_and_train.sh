@@ -651,6 +651,11 @@ the data with prepare_imagenet.py (see ImageNet_Setup_Guide.md)."
     fi
     local log
     log=$OUTPUT_DIR/logs/train-$(date +%Y%m%d-%H%M%S).log
+    # Two starts within a second must not share a log, whose exit line is read back; the names sort by time.
+    while [[ -e $log ]]; do
+        sleep 1
+        log=$OUTPUT_DIR/logs/train-$(date +%Y%m%d-%H%M%S).log
+    done
     run mkdir -p "$OUTPUT_DIR/logs"
 
     if command -v tmux >/dev/null; then
