@@ -222,6 +222,8 @@ def config_problems(cfg: Config) -> list[str]:
             problems.append(f"--compile-backend must name a torch.compile backend (inductor, aot_eager or eager; "
                             f"torch._dynamo.list_backends(exclude_tags=()) lists them all), not "
                             f"{cfg.compile_backend!r}")
+    elif cfg.compile_backend != Config.compile_backend:
+        problems.append(f"--compile-backend {cfg.compile_backend} takes effect only with --compile")
     if cfg.optimizer in LAYERWISE_OPTIMIZERS and cfg.bias_decay:
         problems.append(f"--bias-decay does not apply to --optimizer {cfg.optimizer}: it never decays BatchNorm "
                         f"parameters and biases nor rescales their steps, as the published recipes do")

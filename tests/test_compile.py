@@ -105,6 +105,9 @@ def test_an_unknown_compile_backend_is_refused_in_one_line(capsys):
         parse_args(["--compile", "--compile-backend", "inductorr"])
     assert exit_info.value.code == 2
     assert "--compile-backend must name a torch.compile backend" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # without --compile it would be ignored, so it is refused too
+        parse_args(["--compile-backend", "eager"])
+    assert "takes effect only with --compile" in capsys.readouterr().err
 
 
 @pytest.mark.slow
