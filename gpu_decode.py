@@ -24,13 +24,12 @@ import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.ops import roi_align
 
 from data import (
     BAD_IMAGE_ERRORS,
@@ -186,6 +185,12 @@ class DeviceBatchDecoder:
         self.max_side = max_side
         self.canvas_bytes = canvas_bytes
         self.normalize = Normalizer(self.device)
+        # Imported here rather than at the top: torchvision's ops import torch._dynamo, 1.7 s added to every
+        # start of train.py and evaluate.py on a 2-core CPU, and only the device routes decode with torchvision.
+        from torchvision.io import ImageReadMode, decode_jpeg
+        from torchvision.ops import roi_align
+        self.decode_jpeg = partial(decode_jpeg, mode=ImageReadMode.RGB, device=self.device)
+        self.roi_align = roi_align
 
     def decode_batch(self, batch: EncodedBatch, labels: torch.Tensor,
                      skipped: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -238,7 +243,7 @@ class DeviceBatchDecoder:
             # (pytorch/vision#9606, still in torchvision 0.28). Draining the stream first rules that out.
             torch.cuda.current_stream(self.device).synchronize()
         try:
-            return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device), unreadable
+            return self.decode_jpeg(encoded), unreadable
         except torch.OutOfMemoryError:
             raise
         except RuntimeError:
@@ -248,7 +253,7 @@ class DeviceBatchDecoder:
 
     def decode_one(self, data: torch.Tensor, path: str, skipped: list[str]) -> torch.Tensor | None:
         try:
-            return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+            return self.decode_jpeg(data)
         except torch.OutOfMemoryError:
             raise
         except RuntimeError as err:
@@ -309,7 +314,7 @@ class DeviceBatchDecoder:
             canvas[rows, :, lines, :] = canvas[rows, :, lines - 1, :]
             chunk_rois = self.to_device(torch.tensor([(i - start, *rois[i]) for i in range(start, end)],
                                                      dtype=torch.float32))
-            yield start, end, roi_align(canvas, chunk_rois, output_size=(size, size), spatial_scale=1.0,
+            yield start, end, self.roi_align(canvas, chunk_rois, output_size=(size, size), spatial_scale=1.0,
                                         sampling_ratio=-1, aligned=True)
 
     def replace(self, out: torch.Tensor, labels: torch.Tensor, train: bool, failed: list[int],

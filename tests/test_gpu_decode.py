@@ -223,16 +223,16 @@ def test_decode_batch_returns_its_corrections_and_leaves_the_loaders_objects_alo
 
 
 def test_the_canvas_is_built_in_chunks_within_its_memory_budget_with_the_same_bits(photos_dir, odd_dir, monkeypatch):
-    import gpu_decode
+    import torchvision.ops
 
     canvases = []
-    real_roi_align = gpu_decode.roi_align
+    real_roi_align = torchvision.ops.roi_align
 
     def recording_roi_align(canvas, *args, **kwargs):
         canvases.append(canvas.shape)
         return real_roi_align(canvas, *args, **kwargs)
 
-    monkeypatch.setattr(gpu_decode, "roi_align", recording_roi_align)
+    monkeypatch.setattr(torchvision.ops, "roi_align", recording_roi_align)
     # Three epochs of photos (one over 1024 px), the same with every crop downscaled first, and a batch with
     # a file that fails on the device and is replaced.
     for root, max_side in ((photos_dir, 1024), (photos_dir, 128), (odd_dir, 1024)):
@@ -312,7 +312,7 @@ def test_a_device_share_sends_that_fraction_of_images_to_the_workers_in_every_st
 
 
 def test_files_the_decoder_rejects_fall_back_to_pil_or_are_replaced(tmp_path, monkeypatch):
-    import gpu_decode
+    import torchvision.io
 
     for split in ("train", "val"):
         (tmp_path / split / "a").mkdir(parents=True)
@@ -323,14 +323,14 @@ def test_files_the_decoder_rejects_fall_back_to_pil_or_are_replaced(tmp_path, mo
     # Pretend the device decoder cannot read the flower, which PIL can: the batched call fails anyway
     # because of the broken scan, then each file is decoded on its own.
     flower_length = len(jpeg_bytes("flower", (1200, 800)))
-    real_decode_jpeg = gpu_decode.decode_jpeg
+    real_decode_jpeg = torchvision.io.decode_jpeg
 
     def decode_jpeg(data, **kwargs):
         if isinstance(data, torch.Tensor) and len(data) == flower_length:
             raise RuntimeError("unsupported by this decoder")
         return real_decode_jpeg(data, **kwargs)
 
-    monkeypatch.setattr(gpu_decode, "decode_jpeg", decode_jpeg)
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", decode_jpeg)
     items = [(0, i) for i in range(3)]
     cpu_set, encoded_set = datasets(tmp_path, train=True)
     with pytest.warns(RuntimeWarning, match="2.JPEG .*decoded it with PIL"):
@@ -533,9 +533,9 @@ def fake_nvjpeg(files, mode, device):
 def test_the_step_loop_copies_to_the_gpu_without_waiting_for_it(photos_dir, monkeypatch):
     """Every host tensor the nvJPEG route sends to the GPU in the step loop, the labels included, goes from
     pinned memory without blocking: a blocking copy waits for every step queued before it."""
-    import gpu_decode
+    import torchvision.io
 
-    monkeypatch.setattr(gpu_decode, "decode_jpeg", fake_nvjpeg)
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", fake_nvjpeg)
     copies = step_loop_copies("gpu", photos_dir, monkeypatch)
     # Per batch: labels, the workers' images and their positions, positions, flips, canvas indices, windows.
     assert len(copies) >= 2 * 7
