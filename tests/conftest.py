@@ -1,5 +1,6 @@
 """Shared fixtures: real small image data and a helper that runs train.py the way a user does."""
 
+import fcntl
 import io
 import os
 import shutil
@@ -24,19 +25,36 @@ FAST = ["--arch", "resnet14_tiny", "--image-size", "32", "--batch-size", "32", "
         "--lr", "1.6", "--workers", "1", "--threads", "1", "--device", "cpu"]
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """A folder that build(folder) fills once per test session and every test process then reads: the suite runs
+    in several processes (pytest-xdist), which share the session's temporary folder above their own."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    folder, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the others wait here while the first builds
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a build that failed in another process
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
     """scikit-learn's 1,797 real handwritten digits as JPEG class folders (1,437 train / 360 val)."""
-    return make_demo_dataset(tmp_path_factory.mktemp("data") / "digits")
+    return built_once(tmp_path_factory, "digits", make_demo_dataset)
 
 
 @pytest.fixture(scope="session")
 def odd_digits_dir(digits_dir, tmp_path_factory) -> Path:
     """The digits with one val image removed: 359 val images, odd for any world size above 1."""
-    root = tmp_path_factory.mktemp("data") / "odd_digits"
-    shutil.copytree(digits_dir, root)
-    next((root / "val" / "digit_0").iterdir()).unlink()
-    return root
+    def build(root):
+        shutil.copytree(digits_dir, root, dirs_exist_ok=True)
+        next((root / "val" / "digit_0").iterdir()).unlink()
+    return built_once(tmp_path_factory, "odd_digits", build)
 
 
 # ---------------------------------------------------------------------------------------------------- jobs
@@ -89,13 +107,37 @@ def run_train(*args, timeout: float = 300, **kwargs) -> subprocess.CompletedProc
     return run_job(train_cmd(*args), timeout, **kwargs)
 
 
+def train_into(digits_dir, *args):
+    """build for built_once: a train.py run on the digits into the folder."""
+    def build(out):
+        result = run_train("--data-dir", digits_dir, "--output-dir", out, *args)
+        assert result.returncode == 0, result.stderr
+    return build
+
+
 @pytest.fixture(scope="session")
 def one_epoch(digits_dir, tmp_path_factory) -> Path:
     """A run folder holding a finished first epoch (FAST settings), copied by each test that continues it."""
-    out = tmp_path_factory.mktemp("one_epoch")
-    result = run_train("--data-dir", digits_dir, "--output-dir", out, *FAST, "--epochs", 1)
-    assert result.returncode == 0, result.stderr
-    return out
+    return built_once(tmp_path_factory, "one_epoch", train_into(digits_dir, *FAST, "--epochs", 1))
+
+
+@pytest.fixture(scope="session")
+def two_epochs(digits_dir, tmp_path_factory) -> Path:
+    """A finished 2-epoch run (FAST settings): checkpoint.pth holds epoch 2, checkpoint_prev.pth epoch 1."""
+    return built_once(tmp_path_factory, "two_epochs", train_into(digits_dir, *FAST, "--epochs", 2))
+
+
+# Save at every sync point (every 3 steps) so kills land mid-epoch; the same flags for every run compared.
+# The fast recipe's pieces (a warm-up schedule, no decay on 1-D parameters, label smoothing, flip TTA) and the
+# weight average are on, so their state is covered too.
+ARGS = [*FAST, "--epochs", "2", "--checkpoint-minutes", "0.0001", "--log-every", "3", "--schedule", "linear",
+        "--warmup-epochs", "0.5", "--no-bias-decay", "--label-smoothing", "0.1", "--eval-flip", "--ema-decay", "0.95"]
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(digits_dir, tmp_path_factory) -> Path:
+    """A run with ARGS never interrupted: what every interrupted and resumed run with ARGS must end as, bit for bit."""
+    return built_once(tmp_path_factory, "uninterrupted", train_into(digits_dir, *ARGS))
 
 
 def add_odd_images(folder):

@@ -13,7 +13,7 @@ from contextlib import ExitStack, contextmanager
 import pytest
 import torch
 from conftest import FAST, REPO, add_odd_images, run_job, run_train, start_job, train_cmd
-from test_resume import ARGS, assert_same_run, metrics, uninterrupted, wait_for_new_checkpoint  # noqa: F401
+from test_resume import ARGS, assert_same_run, metrics, wait_for_new_checkpoint
 
 from checkpoint import LATEST, load_latest_checkpoint
 from data import MAX_CONSECUTIVE_BAD, TrainBatchSampler
@@ -66,7 +66,7 @@ def mounted(*mount_args, target):
 # ---------------------------------------------------------------------------------------- kill inside a save
 
 @pytest.mark.slow
-def test_sigkill_inside_a_checkpoint_write_then_rerun_is_bit_identical(digits_dir, tmp_path, uninterrupted):  # noqa: F811
+def test_sigkill_inside_a_checkpoint_write_then_rerun_is_bit_identical(digits_dir, tmp_path, uninterrupted):
     out = tmp_path / "killed"
     # Saves only at epoch ends, each held 2 s after the temporary file is complete: the second save (end of
     # epoch 2) is killed before its renames, with epoch 1's row already in metrics.csv.
@@ -407,7 +407,7 @@ def test_a_second_run_is_refused_and_a_killed_one_leaves_no_lock(digits_dir, tmp
     assert "Resuming" in again.stdout or "This run is already finished" in again.stdout
 
 
-def test_a_hang_up_saves_like_sigterm_and_the_rerun_is_bit_identical(digits_dir, tmp_path, uninterrupted):  # noqa: F811
+def test_a_hang_up_saves_like_sigterm_and_the_rerun_is_bit_identical(digits_dir, tmp_path, uninterrupted):
     out = tmp_path / "run"
     args = ["--data-dir", digits_dir, "--output-dir", out, *ARGS]
     # A plain SSH session's hang-up reaches the whole process group, loader workers included.

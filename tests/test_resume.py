@@ -10,15 +10,9 @@ import time
 
 import pytest
 import torch
-from conftest import FAST, REPO, kill_job, run_train, start_job, train_cmd
+from conftest import ARGS, FAST, REPO, kill_job, run_train, start_job, train_cmd
 
 from checkpoint import LATEST, load_latest_checkpoint
-
-# Save at every sync point (every 3 steps) so kills land mid-epoch; the same flags for every run compared.
-# The fast recipe's pieces (a warm-up schedule, no decay on 1-D parameters, label smoothing, flip TTA) and the
-# weight average are on, so their state is covered too.
-ARGS = [*FAST, "--epochs", "2", "--checkpoint-minutes", "0.0001", "--log-every", "3", "--schedule", "linear",
-        "--warmup-epochs", "0.5", "--no-bias-decay", "--label-smoothing", "0.1", "--eval-flip", "--ema-decay", "0.95"]
 
 
 def final_state(out):
@@ -28,14 +22,6 @@ def final_state(out):
 def metrics(out):
     with open(out / "metrics.csv", newline="") as f:
         return list(csv.DictReader(f))
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(digits_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("uninterrupted")
-    result = run_train("--data-dir", digits_dir, "--output-dir", out, *ARGS)
-    assert result.returncode == 0, result.stderr
-    return out
 
 
 def wait_for_new_checkpoint(out, proc, previous_mtime, timeout=120):

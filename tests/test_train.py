@@ -100,10 +100,10 @@ def test_bad_data_layout_is_refused_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_corrupt_checkpoints_fall_back_then_refuse_then_move_aside(digits_dir, tmp_path):
+def test_corrupt_checkpoints_fall_back_then_refuse_then_move_aside(digits_dir, two_epochs, tmp_path):
     out = tmp_path / "run"
+    shutil.copytree(two_epochs, out)
     args = ["--data-dir", digits_dir, "--output-dir", out, *FAST]
-    assert run_train(*args, "--epochs", 2).returncode == 0
     (out / LATEST).write_bytes((out / LATEST).read_bytes()[:1000])  # truncated, as by a full disk
     result = run_train(*args, "--epochs", 3)
     assert result.returncode == 0, result.stderr
@@ -125,10 +125,10 @@ def test_corrupt_checkpoints_fall_back_then_refuse_then_move_aside(digits_dir, t
     assert [int(r["epoch"]) for r in read_metrics(out)] == [1]
 
 
-def test_changed_settings_on_resume_are_announced_and_applied(digits_dir, tmp_path):
+def test_changed_settings_on_resume_are_announced_and_applied(digits_dir, one_epoch, tmp_path):
     out = tmp_path / "run"
+    shutil.copytree(one_epoch, out)
     args = ["--data-dir", digits_dir, "--output-dir", out, *FAST]
-    assert run_train(*args, "--epochs", 1).returncode == 0
     state = torch.load(out / LATEST, map_location="cpu", weights_only=True)
     del state["config"]["sync_check_steps"]  # as saved before the setting existed
     torch.save(state, out / LATEST)
