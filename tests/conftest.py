@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from sklearn.datasets import load_sample_image
 
@@ -17,6 +18,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from data import make_demo_dataset  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Each test process computes on one core: torch's threads spin while they wait for each other, and with the
+    # other test processes busy on the remaining cores a step takes many times longer than on one thread.
+    torch.set_num_threads(1)
 
 # Small, fast settings on the digits data: a few seconds per epoch on two CPU cores. The recipes count --lr per
 # 256 images of global batch: 1.6 is a peak of 0.2 at batch 32. One compute thread, as the measurement a new
