@@ -435,22 +435,29 @@ def test_an_unwritable_output_folder_is_refused_before_any_work(digits_dir, tmp_
     assert f"Cannot write in the output folder {out}" in result.stderr and "epoch 1" not in result.stdout
 
 
+def train_with_step(digits_dir, out, body: str):
+    """One FAST epoch, a sync point and a save every 5 steps, with engine.train_step(t, x, labels, lr,
+    global_step) replaced by `body`, which may call the real one as train_step."""
+    args = [str(a) for a in ("--data-dir", digits_dir, "--output-dir", out, *FAST, "--epochs", 1, "--log-every", 5,
+                             "--checkpoint-minutes", "0.00001")]
+    script = f"""
+import sys, torch, engine, train
+train_step = engine.train_step
+def step(t, x, labels, lr, global_step):{body}
+engine.train_step = step
+sys.exit(train.main({args!r}))
+"""
+    return run_job([sys.executable, "-c", script], 300, cwd=REPO)
+
+
 def test_a_non_finite_loss_stops_the_run_even_while_the_weights_stay_finite(digits_dir, tmp_path):
     """fp16's loss scaler skips the steps whose gradients overflow, so the loss can be inf while the weights stay
     finite: the loss check alone must stop the run, at the sync point that sees it, before its save."""
     out = tmp_path / "run"
-    args = [str(a) for a in ("--data-dir", digits_dir, "--output-dir", out, *FAST, "--epochs", 1, "--log-every", 5,
-                             "--checkpoint-minutes", "0.00001")]
-    inf_loss = f"""
-import sys, torch, engine, train
-train_step = engine.train_step
-def step(t, x, labels, lr, global_step):
+    result = train_with_step(digits_dir, out, """
     loss, logits = train_step(t, x, labels, lr, global_step)
     return (torch.full_like(loss, float("inf")), logits) if global_step == 7 else (loss, logits)
-engine.train_step = step
-sys.exit(train.main({args!r}))
-"""
-    result = run_job([sys.executable, "-c", inf_loss], 300, cwd=REPO)
+""")
     assert result.returncode == 3, result.stderr
     assert "The training loss became non-finite in epoch 1 at step 10" in result.stdout
     assert "weights became non-finite" not in result.stdout
@@ -463,20 +470,12 @@ def test_weights_made_non_finite_by_an_update_are_never_saved(digits_dir, tmp_pa
     """The loss of step 10 is finite, the update after it is not: the save due at that sync point refuses, and
     the checkpoint of step 5 stays the last one."""
     out = tmp_path / "run"
-    args = [str(a) for a in ("--data-dir", digits_dir, "--output-dir", out, *FAST, "--epochs", 1, "--log-every", 5,
-                             "--checkpoint-minutes", "0.00001")]
-    poisoned = f"""
-import sys, engine, train
-train_step = engine.train_step
-def step(t, x, labels, lr, global_step):
+    result = train_with_step(digits_dir, out, """
     result = train_step(t, x, labels, lr, global_step)
     if global_step == 9:
         next(t.raw_model.parameters()).data.view(-1)[0] = float("nan")
     return result
-engine.train_step = step
-sys.exit(train.main({args!r}))
-"""
-    result = run_job([sys.executable, "-c", poisoned], 300, cwd=REPO)
+""")
     assert result.returncode == 3, result.stderr
     assert "The weights became non-finite in epoch 1 at step 10, so they were not saved" in result.stdout
     state = load_latest_checkpoint(out)
